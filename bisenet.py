@@ -1,0 +1,784 @@
+"""BiSeNetV1 for real-time semantic segmentation, and the Cityscapes data it trains on.
+
+The model is BiSeNet (Yu et al., ECCV 2018, arXiv:1808.00897) exactly as mmsegmentation builds
+it (`bisenetv1_r18-d32`): the same layers in the same order, the same resize modes, the same
+initialisation and the same parameter names, so mmsegmentation's checkpoints load without a key map.
+
+    import torch, bisenet
+    model = bisenet.BiSeNetV1(num_classes=19, backbone='resnet18').eval()
+    bisenet.load_checkpoint(model, 'bisenetv1_r18-d32_4x4_1024x1024_160k_cityscapes.pth')
+    logits = model(images)          # eval: (N, 19, H, W), the input's size
+    model.train()
+    decode, aux8, aux16 = model(images)   # train: the three heads at strides 8, 8, 16
+
+The second half of the file is the data both train.py and eval.py read: the Cityscapes data set
+(raw labelIds mapped to train ids on the fly), the reference's training augmentation and a
+synthetic Cityscapes-layout set for demos and tests. One file, so the two scripts share one copy.
+
+    python bisenet.py                 # self-check: parameter counts and output shapes
+    python bisenet.py --bench-data ROOT   # data-loading cost per image against a bare decode
+"""
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class ConvBNReLU(nn.Module):
+    """Conv2d (no bias) -> BatchNorm -> optional ReLU: mmcv's ConvModule, with its names."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, relu=True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride,
+                              padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True) if relu else nn.Identity()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18 residual block: two 3x3 convs."""
+    expansion = 1
+
+    def __init__(self, in_channels, channels, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50 residual block: 1x1, 3x3 (strided, 'pytorch' style), 1x1."""
+    expansion = 4
+
+    def __init__(self, in_channels, channels, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv3 = nn.Conv2d(channels, channels * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+RESNETS = {'resnet18': (BasicBlock, (2, 2, 2, 2)), 'resnet50': (Bottleneck, (3, 4, 6, 3))}
+
+
+class ResNet(nn.Module):
+    """The Context Path's backbone: 7x7 stem, four stages; features at strides 4, 8, 16, 32."""
+
+    def __init__(self, depth='resnet18'):
+        super().__init__()
+        block, blocks = RESNETS[depth]
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        in_channels = 64
+        for i, (n, stride) in enumerate(zip(blocks, (1, 2, 2, 2))):
+            channels = 64 * 2 ** i
+            downsample = None
+            if stride != 1 or in_channels != channels * block.expansion:
+                downsample = nn.Sequential(
+                    nn.Conv2d(in_channels, channels * block.expansion, 1, stride, bias=False),
+                    nn.BatchNorm2d(channels * block.expansion))
+            layer = [block(in_channels, channels, stride, downsample)]
+            in_channels = channels * block.expansion
+            layer += [block(in_channels, channels) for _ in range(n - 1)]
+            self.add_module(f'layer{i + 1}', nn.Sequential(*layer))
+        self.out_channels = tuple(64 * 2 ** i * block.expansion for i in range(4))
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x4 = self.layer1(x)
+        x8 = self.layer2(x4)
+        x16 = self.layer3(x8)
+        x32 = self.layer4(x16)
+        return x4, x8, x16, x32
+
+
+class SpatialPath(nn.Module):
+    """Spatial Path: three strided convs keep rich detail at 1/8 of the input size."""
+
+    def __init__(self, channels=(64, 64, 64, 128)):
+        super().__init__()
+        self.layer1 = ConvBNReLU(3, channels[0], 7, stride=2)
+        self.layer2 = ConvBNReLU(channels[0], channels[1], 3, stride=2)
+        self.layer3 = ConvBNReLU(channels[1], channels[2], 3, stride=2)
+        self.layer4 = ConvBNReLU(channels[2], channels[3], 1)
+
+    def forward(self, x):
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class AttentionRefinementModule(nn.Module):
+    """ARM: a 3x3 conv, then channel attention from global pooling re-weights it."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv_layer = ConvBNReLU(in_channels, out_channels, 3)
+        self.atten_conv_layer = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), ConvBNReLU(out_channels, out_channels, 1, relu=False),
+            nn.Sigmoid())
+
+    def forward(self, x):
+        x = self.conv_layer(x)
+        return x * self.atten_conv_layer(x)
+
+
+class ContextPath(nn.Module):
+    """Context Path: ResNet, global context, two ARMs, upsampled to 1/16 and 1/8."""
+
+    def __init__(self, depth='resnet18', context_channels=(128, 256, 512)):
+        super().__init__()
+        c8, c16, c32 = context_channels
+        self.backbone = ResNet(depth)
+        self.arm16 = AttentionRefinementModule(c16, c8)
+        self.arm32 = AttentionRefinementModule(c32, c8)
+        self.conv_head32 = ConvBNReLU(c8, c8, 3)
+        self.conv_head16 = ConvBNReLU(c8, c8, 3)
+        self.gap_conv = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvBNReLU(c32, c8, 1))
+
+    def forward(self, x):
+        _, x8, x16, x32 = self.backbone(x)
+        global_context = self.gap_conv(x32)
+        # Nearest, to the target's size (never a scale factor), as the reference: odd sizes work.
+        context32 = F.interpolate(self.arm32(x32) + global_context, size=x16.shape[2:],
+                                  mode='nearest')
+        context16 = self.conv_head32(context32)
+        context8 = F.interpolate(self.arm16(x16) + context16, size=x8.shape[2:], mode='nearest')
+        context8 = self.conv_head16(context8)
+        return context8, context16
+
+
+class FeatureFusionModule(nn.Module):
+    """FFM: concatenate both paths, 1x1 conv, then add a channel-attention-weighted copy."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv1 = ConvBNReLU(in_channels, out_channels, 1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        # The paper has no BN here; the reference has conv-BN-ReLU, so we do too.
+        self.conv_atten = nn.Sequential(ConvBNReLU(out_channels, out_channels, 1), nn.Sigmoid())
+
+    def forward(self, spatial, context):
+        fuse = self.conv1(torch.cat([spatial, context], dim=1))
+        return fuse * self.conv_atten(self.gap(fuse)) + fuse
+
+
+class BilateralNetwork(nn.Module):
+    """The two paths and their fusion (mmsegmentation's 'backbone' of BiSeNetV1)."""
+
+    def __init__(self, depth='resnet18'):
+        super().__init__()
+        wide = 1 if depth == 'resnet18' else 4          # R-50 has four times the channels
+        context_channels = (128 * wide, 256 * wide, 512 * wide)
+        self.context_path = ContextPath(depth, context_channels)
+        self.spatial_path = SpatialPath(tuple(c * wide for c in (64, 64, 64, 128)))
+        self.ffm = FeatureFusionModule(context_channels[1], 256 * wide)
+
+    def forward(self, x):
+        context8, context16 = self.context_path(x)
+        fused = self.ffm(self.spatial_path(x), context8)
+        return fused, context8, context16
+
+
+class FCNHead(nn.Module):
+    """Segmentation head: 3x3 conv-BN-ReLU, Dropout2d(0.1), 1x1 classifier."""
+
+    def __init__(self, in_channels, channels, num_classes):
+        super().__init__()
+        self.convs = nn.Sequential(ConvBNReLU(in_channels, channels, 3))
+        self.dropout = nn.Dropout2d(0.1)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x):
+        return self.conv_seg(self.dropout(self.convs(x)))
+
+
+class BiSeNetV1(nn.Module):
+    """BiSeNetV1: Spatial Path + Context Path -> FFM -> decode head; two auxiliary heads."""
+
+    def __init__(self, num_classes=19, backbone='resnet18'):
+        super().__init__()
+        if backbone not in RESNETS:
+            raise ValueError(f'backbone must be one of {sorted(RESNETS)}, not {backbone!r}')
+        wide = 1 if backbone == 'resnet18' else 4
+        self.num_classes, self.backbone_name = num_classes, backbone
+        self.backbone = BilateralNetwork(backbone)
+        self.decode_head = FCNHead(256 * wide, 256 * wide, num_classes)
+        self.auxiliary_head = nn.ModuleList(
+            [FCNHead(128 * wide, 64 * wide, num_classes) for _ in range(2)])
+        self.init_weights()
+
+    def init_weights(self):
+        """The reference's initialisation (mmcv ConvModule + mmseg ResNet + decode heads)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):     # zero_init_residual
+                nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+        nn.init.normal_(self.decode_head.conv_seg.weight, 0, 0.01)
+        nn.init.zeros_(self.decode_head.conv_seg.bias)
+        # The reference never calls init_weights on its ModuleList of auxiliary heads, so their
+        # classifiers keep PyTorch's default Conv2d init (measured: std 0.073, not 0.01).
+        for head in self.auxiliary_head:
+            head.conv_seg.reset_parameters()
+
+    def forward(self, x):
+        fused, context8, context16 = self.backbone(x)
+        logits = self.decode_head(fused)
+        if self.training:
+            return logits, self.auxiliary_head[0](context8), self.auxiliary_head[1](context16)
+        return F.interpolate(logits, size=x.shape[2:], mode='bilinear', align_corners=False)
+
+
+def fold_batchnorm(model):
+    """Inference fast path: fold every BatchNorm into the conv before it (eval mode only).
+
+    The outputs equal the plain model's up to float rounding; the BNs become Identity.
+    """
+    assert not model.training, 'folding BatchNorm is only valid in eval mode'
+    pairs = [('conv', 'bn'), ('conv1', 'bn1'), ('conv2', 'bn2'), ('conv3', 'bn3'), ('0', '1')]
+    for module in model.modules():
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def read_state_dict(path, trust_pickle=False):
+    """The model weights of a checkpoint file: ours ({'model': ...}), mmsegmentation's
+    ({'state_dict': ...}), or a bare state dict. Loads with weights_only=True unless the user
+    trusts the file's source (trust_pickle), since unpickling can run arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint {path} does not exist')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+    except Exception as e:  # torch raises many types here: zip errors, unpickling, EOF
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ('; if you trust its source and it holds pickled objects, pass --trust-pickle'
+                if not trust_pickle and 'weights_only' in str(e) else '')
+        raise CheckpointError(f'cannot read checkpoint {path}: {first[:200]}{hint}') from None
+    if isinstance(ckpt, dict):
+        for key in ('model', 'state_dict'):
+            if isinstance(ckpt.get(key), dict):
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
+        raise CheckpointError(f'{path} holds no model state dict')
+    # Weights saved from a DistributedDataParallel wrapper carry a 'module.' prefix.
+    return {k[7:] if k.startswith('module.') else k: v for k, v in ckpt.items()}
+
+
+def config_from_state_dict(state_dict):
+    """(backbone, num_classes) of a BiSeNetV1 state dict, so a checkpoint builds its own model."""
+    head = state_dict.get('decode_head.conv_seg.weight')
+    if head is None:
+        raise CheckpointError('not a BiSeNetV1 checkpoint: no decode_head.conv_seg.weight')
+    deep = 'backbone.context_path.backbone.layer1.0.conv3.weight' in state_dict
+    return ('resnet50' if deep else 'resnet18'), head.shape[0]
+
+
+def load_state_dict(model, state_dict, source='checkpoint', target=None):
+    """Strict load that names every missing key, unexpected key and shape mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f'{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
+                  for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    problems = []
+    for name, keys in (('missing', missing), ('unexpected', unexpected),
+                       ('shape mismatch', mismatched)):
+        if keys:
+            problems.append(f'{len(keys)} {name}: ' + ', '.join(keys[:4])
+                            + (', ...' if len(keys) > 4 else ''))
+    if problems:
+        target = target or f'BiSeNetV1({model.num_classes} classes, {model.backbone_name})'
+        raise CheckpointError(f'{source} does not fit {target}: ' + '; '.join(problems))
+    model.load_state_dict(state_dict)
+    return model
+
+
+def load_checkpoint(model, path, trust_pickle=False):
+    """Load this project's or mmsegmentation's BiSeNetV1 checkpoint into `model`, strictly."""
+    return load_state_dict(model, read_state_dict(path, trust_pickle), source=str(path))
+
+
+def model_from_checkpoint(path, trust_pickle=False):
+    """A BiSeNetV1 built with the backbone and class count the checkpoint itself holds."""
+    state_dict = read_state_dict(path, trust_pickle)
+    backbone, num_classes = config_from_state_dict(state_dict)
+    model = BiSeNetV1(num_classes, backbone)
+    return load_state_dict(model, state_dict, source=str(path))
+
+
+def load_imagenet_backbone(model, path):
+    """Load torchvision-format ImageNet ResNet weights (resnet18 / resnet50) into the Context
+    Path's backbone; `fc.*` is dropped, anything else missing or extra is an error."""
+    state_dict = {k: v for k, v in read_state_dict(path).items() if not k.startswith('fc.')}
+    load_state_dict(model.backbone.context_path.backbone, state_dict, f'ImageNet weights {path}',
+                    target=f'a torchvision {model.backbone_name}')
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Cityscapes data
+# ----------------------------------------------------------------------------------------------
+
+CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light',
+           'traffic sign', 'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck',
+           'bus', 'train', 'motorcycle', 'bicycle')
+PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+           (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+           (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+           (0, 80, 100), (0, 0, 230), (119, 11, 32))
+LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+IGNORE_INDEX = 255
+MEAN = (123.675, 116.28, 103.53)   # ImageNet RGB statistics, as the reference normalises
+STD = (58.395, 57.12, 57.375)
+
+
+def train_id_table():
+    """256-entry lookup from raw Cityscapes label id to train id (255 for every other id)."""
+    table = np.full(256, IGNORE_INDEX, np.uint8)
+    table[list(LABEL_IDS)] = np.arange(len(LABEL_IDS))
+    return table
+
+
+TRAIN_IDS = train_id_table()
+
+
+class DatasetError(ValueError):
+    """A data set folder that cannot be used as it is."""
+
+
+class Cityscapes(torch.utils.data.Dataset):
+    """Cityscapes images with their fine labels, as train ids (0-18, 255 = ignore).
+
+    Layout: ROOT/leftImg8bit/SPLIT/[CITY/]NAME_leftImg8bit.png beside
+    ROOT/gtFine/SPLIT/[CITY/]NAME_gtFine_labelIds.png (raw ids, mapped on the fly) or
+    NAME_gtFine_labelTrainIds.png. City folders are optional (the Ascend port's flat layout).
+    Without a transform an item is (RGB uint8 array (H, W, 3), train-id uint8 array (H, W)).
+    With one it is transform(image, label, rng); the key may be an int, or (index, rng_key) from
+    InfiniteSampler so that the sample's randomness is fixed by its place in the stream.
+    """
+
+    def __init__(self, root, split='train', transform=None):
+        root = Path(root)
+        image_dir, label_dir = root / 'leftImg8bit' / split, root / 'gtFine' / split
+        if not root.is_dir():
+            raise DatasetError(f'data path {root} does not exist')
+        for folder in (image_dir, label_dir):
+            if not folder.is_dir():
+                raise DatasetError(f'{folder} is missing: expected the Cityscapes layout '
+                                   f'leftImg8bit/{split}/ and gtFine/{split}/ under {root}')
+        self.samples = []        # (image path, label path, label holds raw ids)
+        for image in sorted(image_dir.rglob('*_leftImg8bit.png')):
+            stem = image.relative_to(image_dir).as_posix()[:-len('_leftImg8bit.png')]
+            raw = label_dir / f'{stem}_gtFine_labelIds.png'
+            train = label_dir / f'{stem}_gtFine_labelTrainIds.png'
+            if raw.is_file():
+                self.samples.append((image, raw, True))
+            elif train.is_file():
+                self.samples.append((image, train, False))
+            else:
+                raise DatasetError(f'label missing for {image}: expected {raw}')
+        if not self.samples:
+            raise DatasetError(f'no *_leftImg8bit.png images under {image_dir}')
+        self.image_dir, self.transform = image_dir, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index):
+        """The PIL image (RGB) and label (train ids, mode L) of sample `index`."""
+        image_path, label_path, raw = self.samples[index]
+        try:
+            image = Image.open(image_path)
+            image.load()
+            label = Image.open(label_path)
+            label.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DatasetError(f'cannot read {image_path} or its label: {e}') from None
+        if image.mode != 'RGB':
+            image = image.convert('RGB')
+        if label.mode != 'L' or raw:
+            label = label.convert('L').point(list(TRAIN_IDS) if raw else list(range(256)))
+        if image.size != label.size:
+            raise DatasetError(f'{image_path} is {image.size} but its label is {label.size}')
+        return image, label
+
+    def __getitem__(self, key):
+        index, rng_key = key if isinstance(key, tuple) else (key, None)
+        image, label = self.load(index)
+        if self.transform is None:
+            return np.asarray(image), np.asarray(label)
+        return self.transform(image, label, np.random.default_rng(rng_key))
+
+    def name(self, index):
+        """The image's path relative to leftImg8bit/SPLIT, without '_leftImg8bit.png'."""
+        path = self.samples[index][0].relative_to(self.image_dir).as_posix()
+        return path[:-len('_leftImg8bit.png')]
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """The endless, reproducible stream of training samples of one rank.
+
+    The global stream is one seeded permutation of the data set per epoch; rank r takes
+    positions r, r + world_size, ... Each key is (index, (seed, position)), so a sample's
+    augmentation depends only on the seed and its place in the stream: the same with any number
+    of DataLoader workers, and after a resume that starts at `start` (samples already taken).
+    """
+
+    def __init__(self, size, seed=0, rank=0, world_size=1, start=0):
+        self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
+
+    def __iter__(self):
+        epoch, order = -1, None
+        step = self.start
+        while True:
+            position = step * self.world_size + self.rank
+            if position // self.size != epoch:
+                epoch = position // self.size
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            yield int(order[position % self.size]), (self.seed, position)
+            step += 1
+
+
+def accept_crop(label, cat_max_ratio=0.75):
+    """The reference's crop rule: more than one class, and none (ignore aside) covering
+    `cat_max_ratio` or more of the labelled pixels."""
+    counts = np.bincount(np.asarray(label).ravel(), minlength=256)[:IGNORE_INDEX]
+    counts = counts[counts > 0]
+    return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
+
+
+class TrainTransform:
+    """The reference's training augmentation, step for step.
+
+    1. rescale by a ratio drawn in `ratio_range` of the image's own size (image bilinear, label
+       nearest); 2. a random `crop_size` (h, w) crop, re-drawn up to 10 times until accept_crop;
+    3. horizontal flip with p 0.5; 4. photometric distortion; 5. normalisation; 6. padding to the
+    crop size (image 0, label 255). Only the crop region is ever resized: that is what makes this
+    cheaper than the reference, which rescales the whole image.
+
+    Returns (image float32 (3, h, w) normalised, label int64 (h, w)); with on_device=True steps
+    4-6 are left to distort_and_normalize() on the accelerator, batched, and it returns
+    (image uint8 (3, h, w), label, params): the sample's distortion parameters, drawn here.
+    """
+
+    def __init__(self, crop_size=(1024, 1024), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
+                 on_device=False):
+        self.crop_size, self.ratio_range = tuple(crop_size), ratio_range
+        self.cat_max_ratio, self.on_device = cat_max_ratio, on_device
+
+    def __call__(self, image, label, rng):
+        w, h = image.size
+        ratio = rng.uniform(*self.ratio_range)
+        scaled_w, scaled_h = int(w * ratio + 0.5), int(h * ratio + 0.5)
+        crop_h, crop_w = self.crop_size
+
+        def random_box():      # (x1, y1, x2, y2) in the rescaled image
+            y = rng.integers(0, max(scaled_h - crop_h, 0) + 1)
+            x = rng.integers(0, max(scaled_w - crop_w, 0) + 1)
+            return x, y, min(x + crop_w, scaled_w), min(y + crop_h, scaled_h)
+
+        def resize_crop(img, box, resample):   # = rescale the whole image, then crop `box`
+            x1, y1, x2, y2 = box
+            sx, sy = w / scaled_w, h / scaled_h
+            if resample == Image.NEAREST:      # cv2's nearest samples at floor(x * scale)
+                return img.transform((x2 - x1, y2 - y1), Image.AFFINE,
+                                     (sx, 0, (x1 - 0.5) * sx, 0, sy, (y1 - 0.5) * sy), resample)
+            if ratio < 1:   # PIL's resize antialiases when shrinking, cv2 (the reference) does
+                # not: an affine transform samples 2 x 2 pixels exactly as cv2's bilinear does.
+                return img.transform((x2 - x1, y2 - y1), Image.AFFINE,
+                                     (sx, 0, x1 * sx, 0, sy, y1 * sy), resample)
+            return img.resize((x2 - x1, y2 - y1), resample,   # equal to cv2 here, and faster
+                              box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy))
+
+        box = random_box()
+        label_crop = resize_crop(label, box, Image.NEAREST)
+        if self.cat_max_ratio < 1:
+            for _ in range(10):        # as the reference: the 11th draw is kept unchecked
+                if accept_crop(label_crop, self.cat_max_ratio):
+                    break
+                box = random_box()
+                label_crop = resize_crop(label, box, Image.NEAREST)
+        image_crop = resize_crop(image, box, Image.BILINEAR)
+        if rng.random() < 0.5:
+            image_crop = image_crop.transpose(Image.FLIP_LEFT_RIGHT)
+            label_crop = label_crop.transpose(Image.FLIP_LEFT_RIGHT)
+        params = photometric_params(rng, valid_size=(label_crop.height, label_crop.width))
+        image, label = pad_to(image_crop, label_crop, self.crop_size)
+        if self.on_device:
+            return image, label, params
+        params = {k: torch.as_tensor(v)[None] for k, v in params.items()}
+        return distort_and_normalize(image[None], params)[0], label
+
+
+class EvalTransform:
+    """The whole image, normalised (float32 (3, H, W)), and its label (int64 (H, W)); with
+    on_device=True the image stays uint8 for normalize() on the accelerator."""
+
+    def __init__(self, on_device=False):
+        self.on_device = on_device
+
+    def __call__(self, image, label, rng=None):
+        image, label = pad_to(image, label, (image.height, image.width))
+        return (image if self.on_device else normalize(image[None])[0]), label
+
+
+def pad_to(image, label, size):
+    """PIL image and label -> uint8 (3, h, w) and int64 (h, w) tensors, padded bottom-right
+    to `size` with 0 and 255 (the reference pads after normalising, so 0 there is 0 after)."""
+    h, w = size
+    image_out = torch.zeros(3, h, w, dtype=torch.uint8)
+    label_out = torch.full((h, w), IGNORE_INDEX, dtype=torch.int64)
+    image_out[:, :image.height, :image.width] = from_pil(image).permute(2, 0, 1)
+    label_out[:label.height, :label.width] = from_pil(label)
+    return image_out, label_out
+
+
+def from_pil(image):
+    """A PIL image's pixels as a uint8 tensor, with one copy (np.asarray's is read-only)."""
+    array = np.frombuffer(bytearray(image.tobytes()), np.uint8)
+    return torch.from_numpy(array).view(image.height, image.width, -1).squeeze(2)
+
+
+def photometric_params(rng, valid_size):
+    """One sample's photometric distortion, drawn as the reference draws it: each step with
+    probability 0.5; hue deltas are integers in [-18, 18) as numpy's randint gives."""
+    def coin():
+        return rng.random() < 0.5
+    return {
+        'size': np.array(valid_size),                       # unpadded (h, w)
+        'brightness': rng.uniform(-32, 32) if coin() else 0.0,
+        'contrast': rng.uniform(0.5, 1.5) if coin() else 1.0,
+        'contrast_first': float(coin()),
+        'saturation': rng.uniform(0.5, 1.5) if coin() else 0.0,   # 0 = step skipped
+        'hue': float(rng.integers(-18, 18)) if coin() else float('nan'),   # nan = skipped
+    }
+
+
+def to_uint8(x):
+    """numpy's float32 -> uint8 cast after clipping, as the reference does after each step."""
+    return x.clamp(0, 255).floor()
+
+
+def rgb_to_hsv(rgb):
+    """OpenCV's 8-bit RGB -> HSV: H in [0, 180), S and V in [0, 255], all rounded."""
+    r, g, b = rgb.unbind(1)
+    v, _ = rgb.max(1)
+    diff = v - rgb.min(1)[0]
+    s = torch.where(v > 0, torch.floor(diff * 255 / v.clamp(min=1) + 0.5), torch.zeros_like(v))
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = torch.where(diff > 0, torch.floor(h * 30 / diff.clamp(min=1) + 0.5), torch.zeros_like(h))
+    return torch.stack([torch.remainder(h, 180), s, v], 1)
+
+
+def hsv_to_rgb(hsv):
+    """OpenCV's 8-bit HSV -> RGB (float maths, rounded to the nearest integer)."""
+    h, s, v = hsv[:, 0] / 30, hsv[:, 1] / 255, hsv[:, 2]
+    sector = torch.floor(h)
+    f = h - sector
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    sector = sector.long().remainder(6)[:, None]
+    # (r, g, b) per sector from (v, p, q, t): the standard HSV table
+    table = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]],
+                         device=hsv.device)
+    choices = torch.stack([v, p, q, t], 1)
+    index = table[sector.squeeze(1)].permute(0, 3, 1, 2)
+    return torch.round(torch.gather(choices, 1, index))
+
+
+def distort_and_normalize(images, params):
+    """Photometric distortion, normalisation and zero padding of a uint8 RGB batch (N, 3, H, W),
+    on whatever device it lives; `params` is the collated photometric_params of its samples.
+
+    Each step reproduces the reference's uint8 arithmetic: brightness (+delta), contrast (xalpha,
+    first or last), saturation (xalpha in HSV), hue (shift on the 0-180 scale), rounding to uint8
+    after each, then (x - MEAN) / STD, then 0 outside each sample's unpadded size.
+    """
+    def column(name):
+        return params[name].to(images.device, torch.float32).view(-1, 1, 1, 1)
+    x = images.float()
+    contrast, contrast_first = column('contrast'), column('contrast_first') > 0
+    x = to_uint8(x + column('brightness'))
+    x = torch.where(contrast_first, to_uint8(x * contrast), x)
+    saturation, hue = column('saturation'), column('hue')
+    if bool((saturation > 0).any()) or bool((~hue.isnan()).any()):
+        hsv = rgb_to_hsv(x)
+        saturated = torch.cat([hsv[:, :1], to_uint8(hsv[:, 1:2] * saturation), hsv[:, 2:]], 1)
+        x = torch.where(saturation > 0, hsv_to_rgb(saturated), x)
+        hsv = rgb_to_hsv(x)
+        shifted = torch.cat([torch.remainder(hsv[:, :1] + torch.nan_to_num(hue), 180), hsv[:, 1:]], 1)
+        x = torch.where(hue.isnan(), x, hsv_to_rgb(shifted))
+    x = torch.where(contrast_first, x, to_uint8(x * contrast))
+    x = normalize(x)
+    sizes = params['size'].to(images.device)
+    rows = torch.arange(x.shape[2], device=x.device)[None, :, None] < sizes[:, 0, None, None]
+    cols = torch.arange(x.shape[3], device=x.device)[None, None, :] < sizes[:, 1, None, None]
+    return x * (rows & cols)[:, None].to(x.dtype)
+
+
+def normalize(images):
+    """(x - MEAN) / STD for an RGB batch (N, 3, H, W), uint8 or float, as float32."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# A synthetic Cityscapes for demos and tests
+# ----------------------------------------------------------------------------------------------
+
+
+def synthetic_scene(rng, size=(256, 128)):
+    """A street-like scene: (RGB uint8 (H, W, 3), raw labelIds uint8 (H, W)).
+
+    Bands of sky, building, vegetation, sidewalk and road with objects on them; every class
+    has its official colour plus noise, so colour and layout both teach the network.
+    """
+    w, h = size
+    train = np.zeros((h, w), np.uint8)
+    horizon, kerb, road = (int(h * rng.uniform(a, b)) for a, b in ((.15, .3), (.5, .6), (.65, .75)))
+    train[:horizon] = 10                                        # sky
+    train[horizon:kerb] = 2                                     # building
+    train[kerb:road] = 1                                        # sidewalk
+    train[road:] = 0                                            # road
+    for cls, top, bottom in ((8, horizon, kerb), (3, horizon, kerb), (4, kerb - h // 10, kerb),
+                             (9, kerb, road)):                  # vegetation, wall, fence, terrain
+        x = rng.integers(0, w - w // 5)
+        train[top:bottom, x:x + rng.integers(w // 10, w // 4)] = cls
+    for _ in range(rng.integers(3, 7)):                         # objects standing on the street
+        cls = rng.choice([5, 6, 7, 11, 12, 13, 14, 15, 16, 17, 18])
+        ow, oh = (int(w * rng.uniform(.05, .2)), int(h * rng.uniform(.1, .35)))
+        x, bottom = rng.integers(0, w - ow), rng.integers(kerb, h)
+        train[max(bottom - oh, 0):bottom, x:x + ow] = cls
+    train[h - h // 16:] = IGNORE_INDEX                          # the ego vehicle: ignored
+    palette = np.array(PALETTE + ((0, 0, 0),) * (256 - len(PALETTE)), np.float32)
+    image = palette[train] + rng.normal(0, 12, (h, w, 3)) + rng.uniform(-20, 20)
+    raw = np.array(LABEL_IDS + (1,) * (256 - len(LABEL_IDS)), np.uint8)[train]   # 1 = ego vehicle
+    return np.clip(image, 0, 255).astype(np.uint8), raw
+
+
+def make_synthetic_cityscapes(root, num_train=48, num_val=8, size=(256, 128), seed=0):
+    """Write a small synthetic data set in the official Cityscapes layout, with raw labelIds."""
+    rng = np.random.default_rng(seed)
+    for split, count in (('train', num_train), ('val', num_val)):
+        for i in range(count):
+            city = f'city{i % 2}'
+            name = f'{city}_{i:06d}_000019'
+            image, label = synthetic_scene(rng, size)
+            for folder, suffix, array in (('leftImg8bit', 'leftImg8bit', image),
+                                          ('gtFine', 'gtFine_labelIds', label)):
+                path = Path(root) / folder / split / city / f'{name}_{suffix}.png'
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(path)
+    return Path(root)
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-check and data benchmark
+# ----------------------------------------------------------------------------------------------
+
+
+def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20):
+    """Per-image cost of a DataLoader worker (one thread) against a bare decode of the files."""
+    torch.set_num_threads(1)
+    dataset = Cityscapes(root, split, TrainTransform(crop_size, on_device=True))
+    indices = [i % len(dataset) for i in range(count)]
+    dataset[(0, (0, 0))]                                         # warm-up
+    start = time.perf_counter()
+    for i in indices:
+        for path in dataset.samples[i][:2]:
+            Image.open(path).load()
+    decode = (time.perf_counter() - start) / count
+    start = time.perf_counter()
+    for position, i in enumerate(indices):
+        dataset[(i, (0, position))]
+    worker = (time.perf_counter() - start) / count
+    print(f'{count} images of {root}/{split}, crop {crop_size[0]}x{crop_size[1]}, one thread')
+    print(f'bare PNG decode (image + label): {decode * 1e3:6.1f} ms per image')
+    print(f'worker (read, decode, rescale, crop, flip, pad): {worker * 1e3:6.1f} ms per image '
+          f'({worker / decode:.2f} x the decode)')
+
+
+def self_check():
+    """Parameter counts and output shapes of both backbones, on an input of odd size."""
+    x = torch.randn(2, 3, 97, 131)
+    for backbone in RESNETS:
+        model = BiSeNetV1(19, backbone)
+        total = sum(p.numel() for p in model.parameters())
+        heads = sum(p.numel() for p in model.auxiliary_head.parameters())
+        with torch.no_grad():
+            train_shapes = [tuple(o.shape) for o in model.train()(x)]
+            eval_shape = tuple(model.eval()(x).shape)
+        print(f'BiSeNetV1 {backbone}: {total:,} parameters ({total - heads:,} without the '
+              f'auxiliary heads); input {tuple(x.shape)} -> train {train_shapes}, eval {eval_shape}')
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description='BiSeNetV1 self-check and data benchmark')
+    parser.add_argument('--bench-data', metavar='ROOT', help='time the training data pipeline '
+                        'on a Cityscapes-layout folder (e.g. data/cityscapes)')
+    parser.add_argument('--crop-size', type=int, nargs=2, default=(1024, 1024), metavar=('H', 'W'))
+    parser.add_argument('--count', type=int, default=20, help='images to time')
+    args = parser.parse_args()
+    if args.bench_data:
+        try:
+            benchmark_data(args.bench_data, crop_size=args.crop_size, count=args.count)
+        except DatasetError as e:
+            raise SystemExit(f'error: {e}')
+    else:
+        self_check()
