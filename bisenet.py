@@ -305,10 +305,15 @@ def read_state_dict(path, trust_pickle=False):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
     except Exception as e:  # torch raises many types here: zip errors, unpickling, EOF
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = ('; if you trust its source and it holds pickled objects, pass --trust-pickle'
-                if not trust_pickle and 'weights_only' in str(e) else '')
-        raise CheckpointError(f'cannot read checkpoint {path}: {first[:200]}{hint}') from None
+        import zipfile
+        if not zipfile.is_zipfile(path):
+            reason = 'not a PyTorch checkpoint (or a truncated one)'
+        elif not trust_pickle and 'weights_only' in str(e):
+            reason = ('it holds pickled objects that weights_only loading refuses; if you trust '
+                      'its source, pass --trust-pickle')
+        else:
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f'cannot read checkpoint {path}: {reason}') from None
     if isinstance(ckpt, dict):
         for key in ('model', 'state_dict'):
             if isinstance(ckpt.get(key), dict):
@@ -726,6 +731,125 @@ def make_synthetic_cityscapes(root, num_train=48, num_val=8, size=(256, 128), se
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(array).save(path)
     return Path(root)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, distributed backend and precision: decided here, and nowhere else
+# ----------------------------------------------------------------------------------------------
+
+
+class SetupError(RuntimeError):
+    """A device, precision or launch setting that cannot work on this machine."""
+
+
+def one_line(error):
+    """The message of a user-facing error as one line; errors re-raised from a DataLoader
+    worker carry the worker's traceback, whose last line is the original message."""
+    line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    name = type(error).__name__
+    for prefix in (f'{__name__}.{name}: ', f'{name}: '):
+        line = line[len(prefix):] if line.startswith(prefix) else line
+    return line
+
+
+def import_torch_npu():
+    """Import torch_npu if it is installed and loads; None otherwise. Never a requirement:
+    installed without the CANN toolkit, it fails to load (and so would a plain import)."""
+    import importlib.util
+    if importlib.util.find_spec('torch_npu') is None:
+        return None
+    try:
+        import torch_npu
+        return torch_npu if torch.npu.is_available() else None
+    except (ImportError, RuntimeError, OSError):
+        return None
+
+
+class Runtime:
+    """Where and how this process runs: device, rank, world size, autocast and grad scaling.
+
+    Under torchrun (WORLD_SIZE > 1) it joins the process group: hccl on NPU, nccl on CUDA,
+    gloo on CPU; one device per process, picked by LOCAL_RANK (through device_list, the Ascend
+    scripts' '0,1,2,3', when given).
+    """
+
+    def __init__(self, device='auto', amp=False, amp_dtype='fp16', device_list=None):
+        self.rank = int(os.environ.get('RANK', 0))
+        self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        self.world_size = int(os.environ.get('WORLD_SIZE', 1))
+        npu = import_torch_npu() if device in ('auto', 'npu') else None
+        if device == 'auto':
+            device = 'npu' if npu else 'cuda' if torch.cuda.is_available() else 'cpu'
+        if device == 'npu' and npu is None:
+            raise SetupError('--device npu: torch_npu is not installed or cannot load (install '
+                             'torch-npu matching torch and source CANN set_env.sh)')
+        if device == 'cuda' and not torch.cuda.is_available():
+            raise SetupError('--device cuda: no CUDA device is visible to this torch build')
+        if amp and device == 'cpu':
+            raise SetupError('--amp needs an NPU or CUDA device; on CPU run in fp32 (drop --amp)')
+        index = self.local_rank
+        if device_list:
+            ids = [int(i) for i in str(device_list).split(',') if i.strip()]
+            if self.local_rank >= len(ids):
+                raise SetupError(f'--device_list {device_list} has no device for local rank '
+                                 f'{self.local_rank}')
+            index = ids[self.local_rank]
+        if device == 'cpu':
+            self.device = torch.device('cpu')
+        else:
+            getattr(torch, device).set_device(index)     # before init_process_group
+            self.device = torch.device(device, index)
+        self.type = device
+        self.backend = {'npu': 'hccl', 'cuda': 'nccl', 'cpu': 'gloo'}[device]
+        self.distributed = self.world_size > 1
+        if self.distributed:
+            torch.distributed.init_process_group(self.backend)
+        self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[amp_dtype] if amp else None
+        self.precision = amp_dtype if amp else 'fp32'
+        self.channels_last = device == 'cuda'          # unsupported on NPU, no gain in training
+
+    def autocast(self):
+        """The precision context of forward passes: autocast when --amp, else fp32."""
+        if self.amp_dtype is None:
+            return torch.autocast(self.type, enabled=False)
+        return torch.autocast(self.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self, loss_scale=-1.0):
+        """The fp16 GradScaler (disabled in fp32 and bf16). -1: dynamic. A number: start there
+        and never grow; halve on overflow (on NPU: a true static scale, as apex's was)."""
+        enabled = self.amp_dtype == torch.float16
+        kwargs = {} if loss_scale <= 0 else dict(init_scale=loss_scale, growth_interval=2 ** 30)
+        if self.type == 'npu':
+            if enabled and loss_scale > 0:
+                return torch.npu.amp.GradScaler(init_scale=loss_scale, dynamic=False)
+            return torch.npu.amp.GradScaler(enabled=enabled, **kwargs)
+        if hasattr(torch.amp, 'GradScaler'):                           # torch >= 2.3
+            return torch.amp.GradScaler(self.type, enabled=enabled, **kwargs)
+        return torch.cuda.amp.GradScaler(enabled=enabled, **kwargs)
+
+    def synchronize(self):
+        if self.type != 'cpu':
+            getattr(torch, self.type).synchronize()
+
+    def max_memory_gb(self):
+        if self.type == 'cpu':
+            return 0.0
+        return getattr(torch, self.type).max_memory_allocated(self.device) / 2 ** 30
+
+    def all_reduce(self, tensor):
+        """Sum `tensor` over all processes, in place (a no-op in one process)."""
+        if self.distributed:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def print0(self, *args, **kwargs):
+        """print, on rank 0 only."""
+        if self.rank == 0:
+            print(*args, **kwargs, flush=True)
+
+    def close(self):
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,304 @@
+"""Evaluate a BiSeNetV1 checkpoint on Cityscapes with the reference's metric.
+
+Works with this project's checkpoints and mmsegmentation's published ones; the backbone and the
+class count are read from the checkpoint.
+
+    python eval.py --ckpt output/best.pth --data-path data/cityscapes            # val, whole image
+    python eval.py --ckpt CKPT --data-path ROOT --aug-test                       # ms + flip
+    python eval.py --ckpt CKPT --data-path ROOT --out-dir results --show-dir vis --json m.json
+    torchrun --nproc_per_node=8 eval.py --ckpt CKPT --data-path ROOT             # 8 devices
+    python eval.py --benchmark [--device cuda --amp]       # inference FPS at 1024 x 2048
+
+--out-dir writes one PNG of Cityscapes labelIds per image (CITY/NAME_leftImg8bit.png), the
+format cityscapesscripts' evaluation and the benchmark server accept; --show-dir writes the
+prediction in the official colours over the image. train.py validates with evaluate() below.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import bisenet
+
+AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)     # the reference's multi-scale test
+SLIDE_WINDOW, SLIDE_STRIDE = (1024, 1024), (768, 768)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--ckpt', help='checkpoint: ours (train.py) or mmsegmentation\'s')
+    parser.add_argument('--data-path', '--data_path', default='data/cityscapes',
+                        help='Cityscapes root holding leftImg8bit/ and gtFine/')
+    parser.add_argument('--split', default='val')
+    parser.add_argument('--mode', choices=('whole', 'slide'), default='whole',
+                        help='whole image (the reference) or sliding 1024 x 1024 windows')
+    parser.add_argument('--aug-test', action='store_true',
+                        help='multi-scale (0.5-1.75) + flip test, softmax averaged')
+    parser.add_argument('--out-dir', help='write Cityscapes labelIds PNGs here')
+    parser.add_argument('--show-dir', help='write colour pictures of the predictions here')
+    parser.add_argument('--json', help='write {"mIoU", "mAcc", "aAcc", "per_class"} here')
+    parser.add_argument('--device', choices=('auto', 'npu', 'cuda', 'cpu'), default='auto')
+    parser.add_argument('--device_list', help='Ascend scripts\' device ids, e.g. 0,1,2,3')
+    parser.add_argument('--amp', action='store_true', help='autocast (NPU/CUDA only)')
+    parser.add_argument('--amp-dtype', choices=('fp16', 'bf16'), default='fp16')
+    parser.add_argument('--workers', type=int, default=4, help='data loading processes')
+    parser.add_argument('--trust-pickle', action='store_true',
+                        help='load a checkpoint that holds pickled objects (runs its code)')
+    parser.add_argument('--prof_test', action='store_true',
+                        help='profile inference of a few images; trace into --prof-dir')
+    parser.add_argument('--prof-dir', default='output/prof_test')
+    parser.add_argument('--benchmark', action='store_true',
+                        help='time inference at 1024 x 2048 on random input; no data needed')
+    parser.add_argument('--backbone', choices=('resnet18', 'resnet50'), default='resnet18',
+                        help='model for --benchmark without --ckpt')
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# The metric: per-class areas over the whole data set, as the reference accumulates them
+# ----------------------------------------------------------------------------------------------
+
+
+def confusion(pred, label, num_classes, ignore_index=bisenet.IGNORE_INDEX):
+    """(num_classes, num_classes) counts of (label, pred) pairs; ignored pixels dropped.
+    Static shapes (no boolean indexing), so it stays on the accelerator."""
+    valid = label != ignore_index
+    index = torch.where(valid, label * num_classes + pred, torch.full_like(label, num_classes ** 2))
+    counts = torch.bincount(index.flatten(), minlength=num_classes ** 2 + 1)
+    return counts[:num_classes ** 2].view(num_classes, num_classes)
+
+
+def summarize(confusion_matrix):
+    """mIoU, mAcc, aAcc (percent) and per-class IoU and Acc from summed counts: IoU_c =
+    intersection / union over the data set; classes absent from labels and predictions are
+    skipped in the means (NaN), as the reference does."""
+    cm = confusion_matrix.double()
+    intersection, label_area, pred_area = cm.diag(), cm.sum(1), cm.sum(0)
+    union = label_area + pred_area - intersection
+    iou = torch.where(union > 0, intersection / union.clamp(min=1), torch.tensor(float('nan')))
+    acc = torch.where(label_area > 0, intersection / label_area.clamp(min=1),
+                      torch.tensor(float('nan')))
+    return {'mIoU': 100 * iou.nanmean().item(), 'mAcc': 100 * acc.nanmean().item(),
+            'aAcc': 100 * (intersection.sum() / label_area.sum().clamp(min=1)).item(),
+            'IoU': (100 * iou).tolist(), 'Acc': (100 * acc).tolist()}
+
+
+def format_table(metrics, class_names):
+    lines = [f'{"class":<15}{"IoU":>8}{"Acc":>8}']
+    for name, iou, acc in zip(class_names, metrics['IoU'], metrics['Acc']):
+        lines.append(f'{name:<15}{iou:8.2f}{acc:8.2f}')
+    lines.append(f'mIoU {metrics["mIoU"]:.2f}  mAcc {metrics["mAcc"]:.2f}  '
+                 f'aAcc {metrics["aAcc"]:.2f}')
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference: whole image, sliding window, multi-scale + flip
+# ----------------------------------------------------------------------------------------------
+
+
+def slide_logits(model, image, num_classes):
+    """Average the logits of overlapping 1024 x 1024 windows (stride 768), as the reference."""
+    _, _, h, w = image.shape
+    (window_h, window_w), (stride_h, stride_w) = SLIDE_WINDOW, SLIDE_STRIDE
+    logits = image.new_zeros((1, num_classes, h, w), dtype=torch.float32)
+    count = image.new_zeros((1, 1, h, w), dtype=torch.float32)
+    for y in range(0, max(h - window_h + stride_h - 1, 0) // stride_h + 1):
+        for x in range(0, max(w - window_w + stride_w - 1, 0) // stride_w + 1):
+            y2, x2 = min(y * stride_h + window_h, h), min(x * stride_w + window_w, w)
+            y1, x1 = max(y2 - window_h, 0), max(x2 - window_w, 0)
+            logits[:, :, y1:y2, x1:x2] += model(image[:, :, y1:y2, x1:x2]).float()
+            count[:, :, y1:y2, x1:x2] += 1
+    return logits / count
+
+
+def predict(model, image, num_classes, mode='whole', aug_test=False):
+    """Scores (1, C, H, W) of a normalised image (1, 3, H, W): logits, or with aug_test the
+    mean softmax over the six scales, each also flipped."""
+    def infer(x):
+        return slide_logits(model, x, num_classes) if mode == 'slide' else model(x).float()
+    if not aug_test:
+        return infer(image)
+    h, w = image.shape[2:]
+    scores = 0
+    for ratio in AUG_RATIOS:
+        scaled = F.interpolate(image, size=(int(h * ratio + 0.5), int(w * ratio + 0.5)),
+                               mode='bilinear', align_corners=False)
+        for flip in (False, True):
+            x = scaled.flip(3) if flip else scaled
+            logits = infer(x)
+            logits = logits.flip(3) if flip else logits
+            logits = F.interpolate(logits, size=(h, w), mode='bilinear', align_corners=False)
+            scores = scores + logits.softmax(1)
+    return scores / (2 * len(AUG_RATIOS))
+
+
+def prepare_for_inference(model, runtime):
+    """The inference fast path: BatchNorm folded into the convs, channels_last where it pays
+    (CPU and CUDA; unsupported on NPU). Same outputs as the plain model (tested)."""
+    model = bisenet.fold_batchnorm(model.eval()).to(runtime.device)
+    if runtime.type in ('cpu', 'cuda'):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def shard(size, runtime):
+    """This process's share of the data set: every world_size-th image, none twice."""
+    return list(range(runtime.rank, size, runtime.world_size))
+
+
+@torch.no_grad()
+def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None,
+             show_dir=None, workers=4, log=print, profiler=None):
+    """Run `model` over `dataset` (EvalTransform(on_device=True) items) in this process's shard
+    and return the metrics of the counts summed over all processes."""
+    was_training = model.training
+    model.eval()
+    num_classes = model.num_classes
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=1, sampler=shard(len(dataset), runtime), num_workers=workers,
+        pin_memory=runtime.type != 'cpu')
+    memory_format = torch.channels_last if runtime.type in ('cpu', 'cuda') else torch.contiguous_format
+    total = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
+    start, last_log = time.time(), 0.0
+    for step, (index, (image, label)) in enumerate(zip(loader.sampler, loader)):
+        image = image.to(runtime.device, non_blocking=True)
+        label = label.to(runtime.device, non_blocking=True)
+        x = bisenet.normalize(image).contiguous(memory_format=memory_format)
+        with runtime.autocast():
+            scores = predict(model, x, num_classes, mode, aug_test)
+        pred = scores.argmax(1)
+        total += confusion(pred, label, num_classes)
+        if out_dir or show_dir:
+            save_prediction(pred[0].cpu().numpy(), image[0], dataset.name(index), out_dir, show_dir)
+        if profiler is not None:
+            profiler.step()
+        done = (step + 1) * runtime.world_size
+        if time.time() - last_log > 10 or step + 1 == len(loader):
+            elapsed = time.time() - start
+            eta = elapsed / (step + 1) * (len(loader) - step - 1)
+            log(f'[eval] {min(done, len(dataset))}/{len(dataset)} images, '
+                f'{elapsed:.0f} s elapsed, ETA {eta:.0f} s')
+            last_log = time.time()
+    runtime.all_reduce(total)
+    model.train(was_training)
+    return summarize(total.cpu())
+
+
+def save_prediction(pred, image, name, out_dir, show_dir):
+    """labelIds PNG for the Cityscapes evaluation, and/or a colour picture over the image."""
+    if out_dir:
+        path = Path(out_dir) / f'{name}_leftImg8bit.png'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.array(bisenet.LABEL_IDS, np.uint8)[pred]).save(path)
+    if show_dir:
+        path = Path(show_dir) / f'{name}.png'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        palette = np.array(bisenet.PALETTE, np.uint8)
+        colours = palette[np.minimum(pred, len(palette) - 1)]
+        rgb = image.permute(1, 2, 0).cpu().numpy()
+        Image.fromarray((0.5 * rgb + 0.5 * colours).astype(np.uint8)).save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark and profiling
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def benchmark(model, runtime, size=(1024, 2048), warmup=3, iters=10, log=print):
+    """Whole-image inference time per image at batch 1: the plain model next to the fast path
+    (folded BN, channels_last), measured in one run; the last line is 'FPS: <fast path>'."""
+    x = torch.randn(1, 3, *size, device=runtime.device)
+    results = {}
+    for name, net in (('plain model', model.eval().to(runtime.device)),
+                      ('fast path', prepare_for_inference(model, runtime))):
+        fast = name == 'fast path'
+        inputs = x.contiguous(memory_format=torch.channels_last) if fast and \
+            runtime.type in ('cpu', 'cuda') else x
+        for _ in range(warmup):
+            with runtime.autocast():
+                net(inputs)
+        runtime.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            with runtime.autocast():
+                net(inputs)
+        runtime.synchronize()
+        results[name] = (time.perf_counter() - start) / iters
+        log(f'{name:<12} {results[name] * 1e3:8.1f} ms per image')
+    log(f'fast path / plain model: {results["fast path"] / results["plain model"]:.2f} x the time '
+        f'({size[0]} x {size[1]}, batch 1, {runtime.type}, {runtime.precision})')
+    log(f'FPS: {1 / results["fast path"]:.2f}')
+
+
+def make_profiler(runtime, trace_dir, steps=5):
+    """torch_npu's profiler on NPU, torch's elsewhere; the trace lands in trace_dir."""
+    profiler_module = torch.profiler
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if runtime.type == 'npu':
+        import torch_npu
+        profiler_module = torch_npu.profiler
+        activities = [profiler_module.ProfilerActivity.CPU, profiler_module.ProfilerActivity.NPU]
+    elif runtime.type == 'cuda':
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return profiler_module.profile(
+        activities=activities,
+        schedule=profiler_module.schedule(wait=1, warmup=1, active=steps, repeat=1),
+        on_trace_ready=profiler_module.tensorboard_trace_handler(str(trace_dir)))
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    runtime = None
+    try:
+        if not args.benchmark and not args.ckpt:
+            raise bisenet.SetupError('--ckpt is required (or --benchmark for a timing run)')
+        runtime = bisenet.Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
+        if args.benchmark:
+            model = (bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle) if args.ckpt
+                     else bisenet.BiSeNetV1(19, args.backbone))
+            runtime.print0(f'BiSeNetV1 {model.backbone_name}, {runtime.device}, {runtime.precision}')
+            benchmark(model, runtime, log=runtime.print0)
+            return
+        model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle)
+        dataset = bisenet.Cityscapes(args.data_path, args.split,
+                                     bisenet.EvalTransform(on_device=True))
+        if args.prof_test:
+            dataset = torch.utils.data.Subset(dataset, range(min(8, len(dataset))))
+        runtime.print0(f'evaluating {args.ckpt} ({model.backbone_name}, {model.num_classes} '
+                       f'classes) on {len(dataset)} images of {args.data_path}/{args.split}, '
+                       f'{args.mode}{" + ms/flip" if args.aug_test else ""}, {runtime.device}, '
+                       f'{runtime.precision}, {runtime.world_size} process(es)')
+        model = prepare_for_inference(model, runtime)
+        profiler = make_profiler(runtime, args.prof_dir) if args.prof_test else None
+        if profiler is not None:
+            profiler.start()
+        metrics = evaluate(model, dataset, runtime, args.mode, args.aug_test, args.out_dir,
+                           args.show_dir, args.workers, log=runtime.print0, profiler=profiler)
+        if profiler is not None:
+            profiler.stop()
+            runtime.print0(f'profile trace written to {args.prof_dir}')
+        names = bisenet.CLASSES if model.num_classes == len(bisenet.CLASSES) else \
+            [str(i) for i in range(model.num_classes)]
+        runtime.print0(format_table(metrics, names))
+        if args.json and runtime.rank == 0:
+            result = {k: metrics[k] for k in ('mIoU', 'mAcc', 'aAcc')}
+            result['per_class'] = dict(zip(names, metrics['IoU']))
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2) + '\n')
+    except (bisenet.CheckpointError, bisenet.DatasetError, bisenet.SetupError) as e:
+        sys.exit(f'error: {bisenet.one_line(e)}')
+    finally:
+        if runtime is not None:
+            runtime.close()
+
+
+if __name__ == '__main__':
+    main()
