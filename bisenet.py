@@ -299,11 +299,25 @@ def read_state_dict(path, trust_pickle=False):
     """The model weights of a checkpoint file: ours ({'model': ...}), mmsegmentation's
     ({'state_dict': ...}), or a bare state dict. Loads with weights_only=True unless the user
     trusts the file's source (trust_pickle), since unpickling can run arbitrary code."""
+    ckpt = load_file(path, trust_pickle)
+    if isinstance(ckpt, dict):
+        for key in ('model', 'state_dict'):
+            if isinstance(ckpt.get(key), dict):
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
+        raise CheckpointError(f'{path} holds no model state dict')
+    # Weights saved from a DistributedDataParallel wrapper carry a 'module.' prefix.
+    return {k[7:] if k.startswith('module.') else k: v for k, v in ckpt.items()}
+
+
+def load_file(path, trust_pickle=False):
+    """torch.load on CPU with weights_only=True (unless trusted), failing with one clear line."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint {path} does not exist')
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+        return torch.load(path, map_location='cpu', weights_only=not trust_pickle)
     except Exception as e:  # torch raises many types here: zip errors, unpickling, EOF
         import zipfile
         if not zipfile.is_zipfile(path):
@@ -314,15 +328,6 @@ def read_state_dict(path, trust_pickle=False):
         else:
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f'cannot read checkpoint {path}: {reason}') from None
-    if isinstance(ckpt, dict):
-        for key in ('model', 'state_dict'):
-            if isinstance(ckpt.get(key), dict):
-                ckpt = ckpt[key]
-                break
-    if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
-        raise CheckpointError(f'{path} holds no model state dict')
-    # Weights saved from a DistributedDataParallel wrapper carry a 'module.' prefix.
-    return {k[7:] if k.startswith('module.') else k: v for k, v in ckpt.items()}
 
 
 def config_from_state_dict(state_dict):

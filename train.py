@@ -1,0 +1,386 @@
+"""Train BiSeNetV1 on Cityscapes with mmsegmentation's recipe (bisenetv1_r18-d32, 160k iters).
+
+A demo on a generated synthetic data set (CPU, about 3 minutes, mIoU >= 50):
+    python train.py --demo
+One device (NPU, GPU or CPU; chosen automatically, or --device):
+    python train.py --data-path data/cityscapes
+One host, 4 devices x 4 images = the reference's 16 images per iteration:
+    torchrun --nproc_per_node=4 train.py --data-path data/cityscapes
+Two hosts (run on each, NODE_RANK 0 and 1; or bash run_8p.sh with NNODES etc.):
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 \\
+        --master_addr=$MASTER_ADDR --master_port=29500 train.py --data-path data/cityscapes
+Resume after a stop or preemption (SIGTERM/SIGINT save latest.pth first):
+    torchrun ... train.py --data-path data/cityscapes --resume-from auto
+
+Writes into --work-dir: train.log, metrics.jsonl (one JSON line per log), iter_N.pth every
+--ckpt-interval, latest.pth, best.pth (best validation mIoU). Checkpoints hold plain data only,
+load with torch.load(weights_only=True), and are what eval.py --ckpt reads.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bisenet
+from eval import evaluate, format_table, make_profiler
+
+# What --demo changes, unless given on the command line: a CPU-sized schedule.
+DEMO_DEFAULTS = dict(iters=300, batch_size=8, crop_size=(128, 128), workers=2, log_interval=25,
+                     val_interval=300, ckpt_interval=300, work_dir='output/demo')
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    # data
+    parser.add_argument('--data-path', '--data_path', help='Cityscapes root (leftImg8bit/, '
+                        'gtFine/ with raw *_labelIds.png); with --demo: default a generated set')
+    parser.add_argument('--work-dir', default='output', help='logs and checkpoints go here')
+    parser.add_argument('--workers', type=int, default=4, help='data loading processes per device')
+    # recipe
+    parser.add_argument('--iters', type=int, default=160000, help='training iterations')
+    parser.add_argument('--batch-size', type=int, default=4,
+                        help='images per device per iteration (reference: 4 devices x 4)')
+    parser.add_argument('--crop-size', type=int, nargs=2, default=(1024, 1024),
+                        metavar=('H', 'W'), help='training crop')
+    parser.add_argument('--lr', type=float, default=0.025, help='peak learning rate (SGD)')
+    parser.add_argument('--warmup-iters', '--warm_up_epochs', type=int, default=None,
+                        help='linear warmup from 0.1 x lr; default 1000 scaled by --iters/160000')
+    parser.add_argument('--backbone', choices=('resnet18', 'resnet50'), default='resnet18')
+    parser.add_argument('--seed', type=int, default=0)
+    # device and precision
+    parser.add_argument('--device', choices=('auto', 'npu', 'cuda', 'cpu'), default='auto')
+    parser.add_argument('--device_list', help='device ids by local rank, e.g. 0,1,2,3 (Ascend)')
+    parser.add_argument('--amp', action='store_true', help='autocast mixed precision (NPU/CUDA)')
+    parser.add_argument('--amp-dtype', choices=('fp16', 'bf16'), default='fp16')
+    parser.add_argument('--loss-scale', type=float, default=-1,
+                        help='fp16 loss scale: -1 = dynamic, a number = fixed start scale')
+    parser.add_argument('--opt-level', default=None,
+                        help='accepted for the Ascend scripts: O1/O2 mean --amp (native autocast '
+                             'is apex O1; O2\'s fp16 master weights have no equivalent), O0 none')
+    # weights
+    parser.add_argument('--pretrained', help='ImageNet ResNet weights (torchvision file format)')
+    parser.add_argument('--load-from', help='start from these weights (ours or mmsegmentation\'s)')
+    parser.add_argument('--resume-from', help='checkpoint to continue exactly, or "auto" for '
+                        'WORK_DIR/latest.pth when it exists')
+    parser.add_argument('--trust-pickle', action='store_true',
+                        help='load weight files that hold pickled objects (runs their code)')
+    # schedule of side jobs
+    parser.add_argument('--no-validate', action='store_true', help='skip validation')
+    parser.add_argument('--val-interval', type=int, default=16000)
+    parser.add_argument('--ckpt-interval', type=int, default=16000)
+    parser.add_argument('--log-interval', type=int, default=50)
+    # modes
+    parser.add_argument('--perf', action='store_true', help='performance test: a short run '
+                        '(default 100 iters), no validation or checkpoints; ends "FPS: N"')
+    parser.add_argument('--prof', action='store_true',
+                        help='profile a few iterations, trace into WORK_DIR/prof, then stop')
+    parser.add_argument('--demo', action='store_true', help='CPU-sized run on a synthetic set')
+    return parser
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        parser.set_defaults(**DEMO_DEFAULTS)
+        args = parser.parse_args(argv)
+    if args.perf and '--iters' not in ' '.join(argv if argv is not None else sys.argv):
+        args.iters = 100
+    if args.warmup_iters is None:
+        args.warmup_iters = max(1, round(1000 * args.iters / 160000))
+    if args.opt_level in ('O1', 'O2', 'O3'):
+        args.amp = True
+    return args
+
+
+def check_args(args):
+    """Flag combinations that cannot work: one clear line before anything is touched."""
+    for name in ('iters', 'batch_size', 'lr', 'val_interval', 'ckpt_interval', 'log_interval'):
+        if getattr(args, name) <= 0:
+            raise bisenet.SetupError(f'--{name.replace("_", "-")} must be positive, '
+                                     f'not {getattr(args, name)}')
+    if min(args.crop_size) <= 0:
+        raise bisenet.SetupError(f'--crop-size must be positive, not {args.crop_size}')
+    if args.warmup_iters < 0 or args.workers < 0:
+        raise bisenet.SetupError('--warmup-iters and --workers cannot be negative')
+    if args.data_path is None and not args.demo:
+        raise bisenet.SetupError('--data-path is required (Cityscapes root), or --demo')
+    if args.resume_from and args.resume_from != 'auto' and not Path(args.resume_from).is_file():
+        raise bisenet.SetupError(f'--resume-from {args.resume_from} does not exist; give an '
+                                 f'existing checkpoint or "auto"')
+    if args.resume_from and args.load_from:
+        raise bisenet.SetupError('--resume-from and --load-from exclude each other: resume '
+                                 'continues a run, load-from starts one from weights')
+
+
+# ----------------------------------------------------------------------------------------------
+# The maths: learning rate and loss
+# ----------------------------------------------------------------------------------------------
+
+
+def get_lr(it, base_lr, iters, warmup_iters, warmup_ratio=0.1, min_lr=1e-4, power=0.9):
+    """Learning rate of iteration `it` (0-based), as mmengine's LinearLR + PolyLR give it."""
+    # 1) linear warmup from warmup_ratio x base_lr, reaching base_lr at it = warmup_iters - 1
+    if it < warmup_iters:
+        return base_lr * (warmup_ratio + (1 - warmup_ratio) * it / max(warmup_iters - 1, 1))
+    # 2) poly decay from base_lr to min_lr, reached at the last iteration
+    progress = (it - warmup_iters) / max(iters - warmup_iters - 1, 1)
+    return min_lr + (base_lr - min_lr) * (1 - min(progress, 1.0)) ** power
+
+
+def criterion(outputs, label):
+    """Per-head cross entropy of the logits upsampled (bilinear) to the label, averaged over
+    all pixels with ignored ones counting zero, as the reference (PyTorch's default mean would
+    divide by the non-ignored pixels only). Returns the three heads' losses."""
+    losses = []
+    for logits in outputs:
+        logits = F.interpolate(logits, size=label.shape[1:], mode='bilinear', align_corners=False)
+        loss = F.cross_entropy(logits.float(), label, ignore_index=bisenet.IGNORE_INDEX,
+                               reduction='sum')
+        losses.append(loss / label.numel())
+    return losses
+
+
+def save_checkpoint(state, path):
+    """Write atomically: a kill during the save leaves the previous file intact."""
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runtime, stop = None, {'signal': None}
+    try:
+        check_args(args)
+        runtime = bisenet.Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
+        train(args, runtime, stop)
+    except (bisenet.SetupError, bisenet.DatasetError, bisenet.CheckpointError) as e:
+        sys.exit(f'error: {bisenet.one_line(e)}')
+    finally:
+        if runtime is not None:
+            runtime.close()
+
+
+def train(args, runtime, stop):
+    work_dir = Path(args.work_dir)
+    if runtime.rank == 0:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(work_dir / 'train.log', 'a') if runtime.rank == 0 else None
+    metrics_file = open(work_dir / 'metrics.jsonl', 'a') if runtime.rank == 0 else None
+
+    def log(message):
+        if runtime.rank == 0:
+            print(message, flush=True)
+            log_file.write(message + '\n')
+            log_file.flush()
+
+    # -- data --------------------------------------------------------------------------------
+    if args.demo and args.data_path is None:
+        args.data_path = str(work_dir / 'demo_data')
+        if runtime.rank == 0 and not (work_dir / 'demo_data' / 'gtFine').is_dir():
+            bisenet.make_synthetic_cityscapes(args.data_path, seed=args.seed)
+        if runtime.distributed:
+            torch.distributed.barrier()
+    on_device = True        # photometric distortion + normalisation batched on the device
+    train_set = bisenet.Cityscapes(args.data_path, 'train',
+                                   bisenet.TrainTransform(args.crop_size, on_device=on_device))
+    validate = not (args.no_validate or args.perf or args.prof)
+    val_set = (bisenet.Cityscapes(args.data_path, 'val', bisenet.EvalTransform(on_device=True))
+               if validate else None)
+
+    # -- model -------------------------------------------------------------------------------
+    torch.manual_seed(args.seed)                 # the same initial weights on every process
+    model = bisenet.BiSeNetV1(19, args.backbone)
+    if args.pretrained:
+        bisenet.load_imagenet_backbone(model, args.pretrained)
+    if args.load_from:
+        bisenet.load_checkpoint(model, args.load_from, args.trust_pickle)
+    if runtime.type != 'cpu':
+        # SyncBN where the reference has it (ResNet and heads; the BiSeNet layers keep plain
+        # BN); SyncBatchNorm has no CPU kernel, and with one process it acts as BN.
+        for name in ('decode_head', 'auxiliary_head'):
+            setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
+        context_path = model.backbone.context_path
+        context_path.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(context_path.backbone)
+    memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
+    model = model.to(runtime.device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    scaler = runtime.grad_scaler(args.loss_scale)
+
+    # -- resume ------------------------------------------------------------------------------
+    start_iter, best_miou = 0, -1.0
+    resume = args.resume_from
+    if resume == 'auto':
+        resume = work_dir / 'latest.pth'
+        log(f'--resume-from auto: {"resuming from " + str(resume) if resume.is_file() else "no " + str(resume) + ", starting fresh"}')
+        resume = resume if resume.is_file() else None
+    if resume:
+        ckpt = bisenet.load_file(resume)
+        if not isinstance(ckpt, dict) or 'optimizer' not in ckpt or 'iteration' not in ckpt:
+            raise bisenet.CheckpointError(f'{resume} is not a train.py checkpoint to resume '
+                                          f'(use --load-from for weights only)')
+        bisenet.load_state_dict(model, ckpt['model'], source=str(resume))
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        start_iter, best_miou = ckpt['iteration'], ckpt.get('best_miou', -1.0)
+        log(f'resumed from {resume} at iteration {start_iter}')
+
+    ddp_model = model
+    if runtime.distributed:
+        device_ids = None if runtime.type == 'cpu' else [runtime.device.index]
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    sampler = bisenet.InfiniteSampler(len(train_set), args.seed, runtime.rank,
+                                      runtime.world_size, start=start_iter * args.batch_size)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        pin_memory=runtime.type != 'cpu', drop_last=True,   # static shapes (NPU)
+        persistent_workers=args.workers > 0)
+
+    global_batch = args.batch_size * runtime.world_size
+    log(f'BiSeNetV1 {args.backbone} on {runtime.device} x {runtime.world_size} process(es) '
+        f'({runtime.backend}), {runtime.precision}; global batch {global_batch} '
+        f'({args.batch_size} per device), crop {args.crop_size[0]}x{args.crop_size[1]}, '
+        f'{args.iters} iterations, SGD lr {args.lr} (warmup {args.warmup_iters}, poly 0.9 to '
+        f'1e-4), {len(train_set)} training images from {args.data_path}')
+    if global_batch != 16 and not args.demo:
+        log(f'note: the reference recipe uses a global batch of 16 with lr 0.025')
+
+    def checkpoint(iteration, names):
+        if runtime.rank != 0:
+            return
+        state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                 'scaler': scaler.state_dict(), 'iteration': iteration, 'best_miou': best_miou,
+                 'args': vars(args)}
+        for name in names:
+            save_checkpoint(state, work_dir / name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):     # preemption: finish the step, save, exit
+        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+
+    profiler = make_profiler(runtime, work_dir / 'prof') if args.prof else None
+    if profiler is not None:
+        profiler.start()
+    perf_warmup = min(10, max(args.iters - start_iter - 1, 0) // 5)
+    perf_start = None
+
+    # -- the loop ----------------------------------------------------------------------------
+    model.train()
+    iteration, batches = start_iter, iter(loader)
+    window = {'time': time.time(), 'data': 0.0, 'losses': torch.zeros(3), 'count': 0}
+    while iteration < args.iters:
+        data_start = time.time()
+        images, labels, params = next(batches)
+        window['data'] += time.time() - data_start
+        images = images.to(runtime.device, non_blocking=True)
+        labels = labels.to(runtime.device, non_blocking=True)
+        images = bisenet.distort_and_normalize(images, params)
+        images = images.contiguous(memory_format=memory_format)
+
+        lr = get_lr(iteration, args.lr, args.iters, args.warmup_iters)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        # Dropout's randomness is a function of (seed, iteration, rank): exact resume for free.
+        torch.manual_seed(int(np.random.SeedSequence([args.seed, iteration, runtime.rank])
+                              .generate_state(1)[0]))
+        with runtime.autocast():
+            outputs = ddp_model(images)
+        losses = criterion(outputs, labels)
+        loss = sum(losses)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses = torch.stack(losses).detach().float().cpu()
+        if not torch.isfinite(losses).all() and not scaler.is_enabled():
+            raise bisenet.SetupError(f'loss is {losses.sum().item()} at iteration {iteration}: '
+                                     f'training diverged; lower --lr or check the data')
+        iteration += 1
+        window['losses'] += losses
+        window['count'] += 1
+        if profiler is not None:
+            profiler.step()
+            if iteration - start_iter >= 7:
+                profiler.stop()
+                log(f'profile of iterations {start_iter + 2}-{iteration} written to '
+                    f'{work_dir / "prof"}')
+                return
+        if iteration - start_iter == perf_warmup:
+            runtime.synchronize()
+            perf_start = time.time()
+
+        if iteration % args.log_interval == 0 or iteration == args.iters:
+            runtime.synchronize()
+            elapsed = time.time() - window['time']
+            step_time = elapsed / window['count']
+            head_losses = (window['losses'] / window['count']).tolist()
+            record = {'iter': iteration, 'lr': lr, 'loss': sum(head_losses),
+                      'loss_decode': head_losses[0], 'loss_aux8': head_losses[1],
+                      'loss_aux16': head_losses[2], 'data_time': window['data'] / window['count'],
+                      'step_time': step_time, 'images_per_s': global_batch / step_time,
+                      'eta_s': step_time * (args.iters - iteration),
+                      'memory_gb': runtime.max_memory_gb()}
+            log(f'iter {iteration}/{args.iters}  lr {lr:.3e}  loss {record["loss"]:.4f} '
+                f'(decode {head_losses[0]:.4f} aux8 {head_losses[1]:.4f} aux16 '
+                f'{head_losses[2]:.4f})  data {record["data_time"]:.3f}s  step {step_time:.3f}s  '
+                f'{record["images_per_s"]:.1f} img/s  ETA {format_eta(record["eta_s"])}  '
+                f'mem {record["memory_gb"]:.2f} GB')
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + '\n')
+                metrics_file.flush()
+            window = {'time': time.time(), 'data': 0.0, 'losses': torch.zeros(3), 'count': 0}
+
+        if validate and (iteration % args.val_interval == 0 or iteration == args.iters):
+            show_dir = work_dir / 'demo_predictions' if args.demo and iteration == args.iters \
+                else None                       # the demo's colour pictures, at its end
+            metrics = evaluate(model, val_set, runtime, show_dir=show_dir,
+                               workers=min(args.workers, 2), log=log)
+            log(format_table(metrics, bisenet.CLASSES))
+            if metrics_file:
+                metrics_file.write(json.dumps({'iter': iteration, 'mIoU': metrics['mIoU'],
+                                               'mAcc': metrics['mAcc'],
+                                               'aAcc': metrics['aAcc']}) + '\n')
+            if metrics['mIoU'] > best_miou:
+                best_miou = metrics['mIoU']
+                checkpoint(iteration, ['best.pth'])
+                log(f'best mIoU {best_miou:.2f} at iteration {iteration}: saved best.pth')
+        if not args.perf and (iteration % args.ckpt_interval == 0 or iteration == args.iters):
+            checkpoint(iteration, [f'iter_{iteration}.pth', 'latest.pth'])
+
+        stop_now = torch.tensor([stop['signal'] is not None], dtype=torch.int32,
+                                device=runtime.device)
+        if runtime.all_reduce(stop_now).item() and iteration < args.iters:
+            checkpoint(iteration, ['latest.pth'])
+            log(f'stopped by signal at iteration {iteration}: saved latest.pth; continue '
+                f'with --resume-from auto')
+            return
+
+    if args.perf and perf_start is not None:
+        runtime.synchronize()
+        measured = iteration - start_iter - perf_warmup
+        fps = measured * global_batch / (time.time() - perf_start)
+        log(f'FPS: {fps:.2f}')
+    if args.demo and validate:
+        log(f'demo done: mIoU {metrics["mIoU"]:.2f} on {len(val_set)} synthetic val images; '
+            f'pictures in {work_dir / "demo_predictions"}, checkpoints in {work_dir}')
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f'{seconds // 86400}d {seconds % 86400 // 3600:02d}:{seconds % 3600 // 60:02d}:' \
+           f'{seconds % 60:02d}' if seconds >= 86400 else \
+        f'{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+if __name__ == '__main__':
+    main()
