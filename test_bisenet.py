@@ -1,0 +1,634 @@
+"""Tests of BiSeNetV1, its data pipeline, eval.py and train.py: real code paths on tiny inputs.
+
+    python -m pytest -q test_bisenet.py          # about 3 minutes on 2 CPU cores
+
+The command-line tests run the scripts as users do (subprocesses, torchrun with gloo on CPU).
+"""
+import colorsys
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import bisenet
+import eval as evaluation
+import train
+
+HERE = Path(__file__).resolve().parent
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(HERE))
+
+# mmsegmentation 1.2.2's BiSeNetV1 R-18 state dict, the entries outside its ResNet (which uses
+# torchvision's names); BatchNorm buffers follow each bn's weight. Facts from the reference.
+REFERENCE_KEYS = """
+backbone.context_path.arm16.conv_layer.conv.weight 128,256,3,3
+backbone.context_path.arm16.conv_layer.bn.weight 128
+backbone.context_path.arm16.conv_layer.bn.bias 128
+backbone.context_path.arm16.atten_conv_layer.1.conv.weight 128,128,1,1
+backbone.context_path.arm16.atten_conv_layer.1.bn.weight 128
+backbone.context_path.arm16.atten_conv_layer.1.bn.bias 128
+backbone.context_path.arm32.conv_layer.conv.weight 128,512,3,3
+backbone.context_path.arm32.conv_layer.bn.weight 128
+backbone.context_path.arm32.conv_layer.bn.bias 128
+backbone.context_path.arm32.atten_conv_layer.1.conv.weight 128,128,1,1
+backbone.context_path.arm32.atten_conv_layer.1.bn.weight 128
+backbone.context_path.arm32.atten_conv_layer.1.bn.bias 128
+backbone.context_path.conv_head32.conv.weight 128,128,3,3
+backbone.context_path.conv_head32.bn.weight 128
+backbone.context_path.conv_head32.bn.bias 128
+backbone.context_path.conv_head16.conv.weight 128,128,3,3
+backbone.context_path.conv_head16.bn.weight 128
+backbone.context_path.conv_head16.bn.bias 128
+backbone.context_path.gap_conv.1.conv.weight 128,512,1,1
+backbone.context_path.gap_conv.1.bn.weight 128
+backbone.context_path.gap_conv.1.bn.bias 128
+backbone.spatial_path.layer1.conv.weight 64,3,7,7
+backbone.spatial_path.layer1.bn.weight 64
+backbone.spatial_path.layer1.bn.bias 64
+backbone.spatial_path.layer2.conv.weight 64,64,3,3
+backbone.spatial_path.layer2.bn.weight 64
+backbone.spatial_path.layer2.bn.bias 64
+backbone.spatial_path.layer3.conv.weight 64,64,3,3
+backbone.spatial_path.layer3.bn.weight 64
+backbone.spatial_path.layer3.bn.bias 64
+backbone.spatial_path.layer4.conv.weight 128,64,1,1
+backbone.spatial_path.layer4.bn.weight 128
+backbone.spatial_path.layer4.bn.bias 128
+backbone.ffm.conv1.conv.weight 256,256,1,1
+backbone.ffm.conv1.bn.weight 256
+backbone.ffm.conv1.bn.bias 256
+backbone.ffm.conv_atten.0.conv.weight 256,256,1,1
+backbone.ffm.conv_atten.0.bn.weight 256
+backbone.ffm.conv_atten.0.bn.bias 256
+decode_head.conv_seg.weight 19,256,1,1
+decode_head.conv_seg.bias 19
+decode_head.convs.0.conv.weight 256,256,3,3
+decode_head.convs.0.bn.weight 256
+decode_head.convs.0.bn.bias 256
+auxiliary_head.0.conv_seg.weight 19,64,1,1
+auxiliary_head.0.conv_seg.bias 19
+auxiliary_head.0.convs.0.conv.weight 64,128,3,3
+auxiliary_head.0.convs.0.bn.weight 64
+auxiliary_head.0.convs.0.bn.bias 64
+auxiliary_head.1.conv_seg.weight 19,64,1,1
+auxiliary_head.1.conv_seg.bias 19
+auxiliary_head.1.convs.0.conv.weight 64,128,3,3
+auxiliary_head.1.convs.0.bn.weight 64
+auxiliary_head.1.convs.0.bn.bias 64
+"""
+# The official Cityscapes table (cityscapesscripts labels.py): label id -> train id.
+OFFICIAL_TRAIN_IDS = {0: 255, 1: 255, 2: 255, 3: 255, 4: 255, 5: 255, 6: 255, 7: 0, 8: 1, 9: 255,
+                      10: 255, 11: 2, 12: 3, 13: 4, 14: 255, 15: 255, 16: 255, 17: 5, 18: 255,
+                      19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15,
+                      29: 255, 30: 255, 31: 16, 32: 17, 33: 18}
+
+
+def run(script, *args, check=True, timeout=240):
+    """Run a project script as a user would; returns the CompletedProcess."""
+    result = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], env=ENV,
+                            capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def assert_one_line_error(result, *words):
+    """A user error: non-zero exit, one line on stderr naming the problem, no traceback."""
+    assert result.returncode != 0
+    assert 'Traceback' not in result.stderr + result.stdout, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error:'), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """A tiny synthetic Cityscapes (raw labelIds, city folders)."""
+    return bisenet.make_synthetic_cityscapes(tmp_path_factory.mktemp('cityscapes'), num_train=8,
+                                             num_val=4, size=(128, 64), seed=1)
+
+
+def random_state(model, seed=0):
+    """Random weights and BatchNorm statistics, so that tests see more than the init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                noise = torch.rand(value.shape, generator=g) + 0.5 if 'running_var' in name \
+                    else torch.randn(value.shape, generator=g) * 0.1
+                value.copy_(noise)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+def test_parameter_counts_equal_the_reference():
+    for backbone, expected in (('resnet18', 13_425_721), ('resnet50', 59_243_385)):
+        model = bisenet.BiSeNetV1(19, backbone)
+        assert sum(p.numel() for p in model.parameters()) == expected
+    heads = sum(p.numel() for p in bisenet.BiSeNetV1().auxiliary_head.parameters())
+    assert 13_425_721 - heads == 13_275_539
+
+
+def test_output_shapes_for_odd_input_sizes():
+    model = bisenet.BiSeNetV1(19)
+    x = torch.randn(2, 3, 75, 101)
+    decode, aux8, aux16 = model.train()(x)
+    assert decode.shape == aux8.shape == (2, 19, 10, 13)      # stride 8, rounded up
+    assert aux16.shape == (2, 19, 5, 7)                       # stride 16
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 19, 75, 101)
+
+
+def test_gradients_reach_every_parameter():
+    model = random_state(bisenet.BiSeNetV1(5)).train()   # random: zero-init BNs block grads
+    loss = sum(out.square().mean() for out in model(torch.randn(2, 3, 64, 96)))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_names_and_shapes_follow_the_reference_key_list():
+    own = bisenet.BiSeNetV1().state_dict()
+    assert len(own) == 222
+    for line in REFERENCE_KEYS.strip().splitlines():
+        key, shape = line.split()
+        shape = tuple(int(s) for s in shape.split(',') if s)
+        assert tuple(own[key].shape) == shape, key
+        if key.endswith('bn.weight') or key.endswith('.bn.bias'):
+            prefix = key[:-len(key.split('.')[-1])]
+            assert prefix + 'running_mean' in own and prefix + 'num_batches_tracked' in own
+
+
+def test_reference_layout_checkpoint_loads_strictly_and_round_trips(tmp_path):
+    model = random_state(bisenet.BiSeNetV1().eval())
+    mmseg_file = tmp_path / 'mmseg.pth'        # mmsegmentation's layout: meta + state_dict
+    torch.save({'meta': {'CLASSES': bisenet.CLASSES, 'iter': 160000},
+                'state_dict': model.state_dict(), 'optimizer': {}}, mmseg_file)
+    loaded = bisenet.load_checkpoint(bisenet.BiSeNetV1(), mmseg_file).eval()
+    x = torch.randn(1, 3, 70, 90)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    ours = tmp_path / 'ours.pth'               # our layout, saved from a DDP wrapper
+    torch.save({'model': {'module.' + k: v for k, v in model.state_dict().items()},
+                'iteration': 3}, ours)
+    again = bisenet.model_from_checkpoint(ours).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_checkpoint_of_another_model_or_class_count_is_refused(tmp_path):
+    torch.save({'state_dict': bisenet.BiSeNetV1(21).state_dict()}, tmp_path / 'c21.pth')
+    with pytest.raises(bisenet.CheckpointError, match='shape mismatch.*decode_head.conv_seg'):
+        bisenet.load_checkpoint(bisenet.BiSeNetV1(19), tmp_path / 'c21.pth')
+    torch.save({'state_dict': bisenet.BiSeNetV1(19, 'resnet50').state_dict()}, tmp_path / 'r50.pth')
+    with pytest.raises(bisenet.CheckpointError, match='unexpected.*conv3'):
+        bisenet.load_checkpoint(bisenet.BiSeNetV1(19), tmp_path / 'r50.pth')
+    torch.save({'fc.weight': torch.zeros(3, 3)}, tmp_path / 'other.pth')
+    with pytest.raises(bisenet.CheckpointError, match='222 missing.*1 unexpected: fc.weight'):
+        bisenet.load_checkpoint(bisenet.BiSeNetV1(19), tmp_path / 'other.pth')
+    (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
+    with pytest.raises(bisenet.CheckpointError, match='not a PyTorch checkpoint'):
+        bisenet.load_checkpoint(bisenet.BiSeNetV1(19), tmp_path / 'junk.pth')
+
+
+def test_checkpoint_config_is_read_from_the_checkpoint(tmp_path):
+    torch.save({'state_dict': bisenet.BiSeNetV1(7, 'resnet50').state_dict()}, tmp_path / 'c.pth')
+    model = bisenet.model_from_checkpoint(tmp_path / 'c.pth')
+    assert (model.backbone_name, model.num_classes) == ('resnet50', 7)
+
+
+def test_imagenet_backbone_loader(tmp_path):
+    resnet = random_state(bisenet.ResNet('resnet18'))
+    weights = dict(resnet.state_dict(), **{'fc.weight': torch.zeros(1000, 512),
+                                           'fc.bias': torch.zeros(1000)})   # torchvision format
+    torch.save(weights, tmp_path / 'resnet18.pth')
+    model = bisenet.load_imagenet_backbone(bisenet.BiSeNetV1(), tmp_path / 'resnet18.pth')
+    for key, value in resnet.state_dict().items():
+        assert torch.equal(model.backbone.context_path.backbone.state_dict()[key], value)
+    del weights['layer4.1.conv2.weight']
+    torch.save(weights, tmp_path / 'broken.pth')
+    with pytest.raises(bisenet.CheckpointError, match='missing: layer4.1.conv2.weight'):
+        bisenet.load_imagenet_backbone(bisenet.BiSeNetV1(), tmp_path / 'broken.pth')
+
+
+def test_fast_inference_path_equals_the_plain_model():
+    model = random_state(bisenet.BiSeNetV1().eval())
+    x = torch.randn(1, 3, 67, 123)
+    with torch.no_grad():
+        plain = model(x)
+        runtime = bisenet.Runtime('cpu')
+        fast = evaluation.prepare_for_inference(model, runtime)(
+            x.contiguous(memory_format=torch.channels_last))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert (fast - plain).abs().max() <= 1e-4 * plain.abs().max()
+    assert (fast.argmax(1) == plain.argmax(1)).float().mean() > 0.999
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def test_label_map_is_the_official_table():
+    for label_id, train_id in OFFICIAL_TRAIN_IDS.items():
+        assert bisenet.TRAIN_IDS[label_id] == train_id, label_id
+    assert (bisenet.TRAIN_IDS[34:] == 255).all()
+    assert len(bisenet.CLASSES) == len(bisenet.PALETTE) == 19
+
+
+def write_pair(root, split, stem, label_suffix='labelIds', size=(40, 20), value=7):
+    for folder, suffix, array in (('leftImg8bit', 'leftImg8bit', np.zeros((size[1], size[0], 3), np.uint8)),
+                                  ('gtFine', f'gtFine_{label_suffix}', np.full((size[1], size[0]), value, np.uint8))):
+        path = root / folder / split / f'{stem}_{suffix}.png'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+
+
+def test_layouts_official_and_flat_with_extra_files(tmp_path):
+    official, flat = tmp_path / 'official', tmp_path / 'flat'
+    write_pair(official, 'train', 'aachen/aachen_000000_000019', value=26)        # car
+    write_pair(official, 'train', 'bonn/bonn_000001_000019', 'labelTrainIds', value=13)
+    for extra in ('gtFine_color.png', 'gtFine_instanceIds.png', 'gtFine_polygons.json'):
+        (official / 'gtFine' / 'train' / 'aachen' / f'aachen_000000_000019_{extra}').write_bytes(b'x')
+    dataset = bisenet.Cityscapes(official, 'train')
+    assert len(dataset) == 2
+    assert [dataset.name(i) for i in range(2)] == ['aachen/aachen_000000_000019',
+                                                   'bonn/bonn_000001_000019']
+    for i in range(2):
+        image, label = dataset[i]
+        assert image.shape == (20, 40, 3) and image.dtype == np.uint8
+        assert label.shape == (20, 40) and (label == 13).all()     # raw 26 and train id 13: car
+    write_pair(flat, 'val', 'frankfurt_000000_000294', value=3)      # raw 3: ignored
+    assert (bisenet.Cityscapes(flat, 'val')[0][1] == 255).all()
+
+
+def test_broken_data_sets_fail_with_the_path(tmp_path):
+    with pytest.raises(bisenet.DatasetError, match='does not exist'):
+        bisenet.Cityscapes(tmp_path / 'nowhere')
+    write_pair(tmp_path, 'train', 'a/a_0_0')
+    with pytest.raises(bisenet.DatasetError, match='leftImg8bit/val is missing'):
+        bisenet.Cityscapes(tmp_path, 'val')
+    (tmp_path / 'leftImg8bit' / 'test').mkdir()
+    (tmp_path / 'gtFine' / 'test').mkdir()
+    with pytest.raises(bisenet.DatasetError, match='no \\*_leftImg8bit.png images'):
+        bisenet.Cityscapes(tmp_path, 'test')
+    write_pair(tmp_path, 'train', 'a/a_1_0')
+    (tmp_path / 'gtFine' / 'train' / 'a' / 'a_1_0_gtFine_labelIds.png').unlink()
+    with pytest.raises(bisenet.DatasetError, match='label missing for .*a_1_0_leftImg8bit.png'):
+        bisenet.Cityscapes(tmp_path, 'train')
+    write_pair(tmp_path, 'train', 'a/a_1_0')
+    (tmp_path / 'leftImg8bit' / 'train' / 'a' / 'a_1_0_leftImg8bit.png').write_bytes(b'\x89PNG junk')
+    with pytest.raises(bisenet.DatasetError, match='cannot read .*a_1_0_leftImg8bit.png'):
+        bisenet.Cityscapes(tmp_path, 'train')[1]
+
+
+def test_crop_rule():
+    assert not bisenet.accept_crop(np.full((10, 10), 3, np.uint8))             # one class
+    label = np.full((10, 10), 3, np.uint8)
+    label[:2] = 5                                                               # 80 % class 3
+    assert not bisenet.accept_crop(label)
+    label[:3] = 5                                                               # 70 %
+    assert bisenet.accept_crop(label)
+    label[:5] = 255                                                             # 3 vs 2 labelled
+    label[5:7] = 5
+    assert bisenet.accept_crop(label)
+    label[5:6] = 255
+    assert not bisenet.accept_crop(label)                                       # 3 vs 1: 75 %
+
+
+def test_train_transform_outputs(data):
+    dataset = bisenet.Cityscapes(data, 'train', bisenet.TrainTransform((96, 96)))
+    for position in range(6):
+        image, label = dataset[(position % len(dataset), (0, position))]
+        assert image.shape == (3, 96, 96) and image.dtype == torch.float32
+        assert label.shape == (96, 96) and label.dtype == torch.int64
+        assert image.min() >= -2.2 and image.max() <= 2.7          # normalised 0..255
+        assert set(label.unique().tolist()) <= set(range(19)) | {255}
+    # Smaller than the crop (64 rows at ratio <= 1): padded with 0 and 255 at the bottom
+    dataset.transform = bisenet.TrainTransform((200, 300), ratio_range=(0.5, 0.5), on_device=True)
+    image, label, params = dataset[(0, (0, 0))]
+    assert image.dtype == torch.uint8 and image.shape == (3, 200, 300)
+    assert params['size'].tolist() == [32, 64]
+    assert (image[:, 32:] == 0).all() and (label[32:] == 255).all() and (label[:, 64:] == 255).all()
+    batch = torch.utils.data.default_collate([dataset[(0, (0, 0))]])
+    normalised = bisenet.distort_and_normalize(batch[0], batch[2])
+    assert (normalised[0, :, 32:] == 0).all() and (normalised[0, :, :, 64:] == 0).all()
+
+
+def test_samples_are_the_same_with_any_worker_count_and_after_a_resume(data):
+    dataset = bisenet.Cityscapes(data, 'train', bisenet.TrainTransform((64, 64), on_device=True))
+
+    def batches(workers, start=0, count=4):
+        sampler = bisenet.InfiniteSampler(len(dataset), seed=3, start=start)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler,
+                                             num_workers=workers)
+        return [batch for _, batch in zip(range(count), loader)]
+    zero, two, resumed = batches(0), batches(2), batches(0, start=4, count=2)
+    for a, b in zip(zero, two):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for a, b in zip(zero[2:], resumed):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(zero[0][0], zero[1][0])
+    other_seed = bisenet.InfiniteSampler(len(dataset), seed=4)
+    assert [k for _, k in zip(range(8), other_seed)] != [k for _, k in zip(range(8), bisenet.InfiniteSampler(len(dataset), seed=3))]
+
+
+def test_sampler_shards_the_stream_between_ranks():
+    def take(rank, world, n=12):
+        return [k for _, k in zip(range(n), bisenet.InfiniteSampler(10, 0, rank, world))]
+    single = take(0, 1, 24)
+    merged = [k for pair in zip(take(0, 2), take(1, 2)) for k in pair]
+    assert merged == single
+    assert sorted(i for i, _ in single[:10]) == list(range(10))       # an epoch: each once
+
+
+def reference_distortion(image, p):
+    """A straightforward per-image version of the reference's photometric distortion
+    (numpy + colorsys, pixel by pixel), OpenCV's 8-bit HSV rounding included."""
+    def trunc(x):
+        return np.floor(np.clip(x, 0, 255))
+    def to_hsv(rgb):
+        out = np.zeros_like(rgb)
+        for i, j in np.ndindex(rgb.shape[:2]):
+            h, s, v = colorsys.rgb_to_hsv(*(rgb[i, j] / 255))
+            out[i, j] = (np.floor(h * 180 + 0.5) % 180, np.floor(s * 255 + 0.5), v * 255)
+        return out
+    def to_rgb(hsv):
+        out = np.zeros_like(hsv)
+        for i, j in np.ndindex(hsv.shape[:2]):
+            h, s, v = hsv[i, j]
+            out[i, j] = np.round(np.array(colorsys.hsv_to_rgb(h / 180, s / 255, v / 255)) * 255)
+        return out
+    x = image.astype(np.float32)
+    x = trunc(x + np.float32(p['brightness']))
+    if p['contrast_first']:
+        x = trunc(x * np.float32(p['contrast']))
+    if p['saturation'] > 0:
+        hsv = to_hsv(x)
+        hsv[..., 1] = trunc(hsv[..., 1] * np.float32(p['saturation']))
+        x = to_rgb(hsv)
+    if not np.isnan(p['hue']):
+        hsv = to_hsv(x)
+        hsv[..., 0] = (hsv[..., 0] + p['hue']) % 180
+        x = to_rgb(hsv)
+    if not p['contrast_first']:
+        x = trunc(x * np.float32(p['contrast']))
+    return (x - np.array(bisenet.MEAN)) / np.array(bisenet.STD)
+
+
+def test_batched_distortion_matches_a_per_image_version():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 12, 10, 3), dtype=np.uint8)
+    images[0, :4] = 128                                                # grey: saturation 0
+    params = [bisenet.photometric_params(rng, (12, 10)) for _ in range(6)]
+    params[1].update(saturation=1.4, hue=-18.0, contrast_first=1.0)   # every step on
+    params[2].update(saturation=0.0, hue=float('nan'), brightness=0.0, contrast=1.0)   # none
+    batch = torch.utils.data.default_collate(params)
+    out = bisenet.distort_and_normalize(torch.from_numpy(images).permute(0, 3, 1, 2), batch)
+    std = torch.tensor(bisenet.STD).view(3, 1, 1)
+    for i in range(6):
+        expected = torch.from_numpy(reference_distortion(images[i], params[i])).permute(2, 0, 1)
+        difference = ((out[i].double() - expected) * std).abs()         # in 0..255 units
+        assert difference.max() <= 1.01, (i, params[i])
+        assert (difference > 0.01).float().mean() < 0.02
+    identity = (images[2].astype(np.float64) - bisenet.MEAN) / bisenet.STD
+    assert torch.allclose(out[2].double(), torch.from_numpy(identity).permute(2, 0, 1), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_metric_against_brute_force():
+    rng = np.random.default_rng(0)
+    num_classes, total = 5, torch.zeros(5, 5, dtype=torch.int64)
+    preds, labels = [], []
+    for _ in range(3):
+        pred = rng.integers(0, 4, (7, 9))                      # class 4 never predicted
+        label = rng.choice([0, 1, 2, 255], (7, 9))             # 3 and 4 never labelled
+        total += evaluation.confusion(torch.from_numpy(pred), torch.from_numpy(label), num_classes)
+        preds.append(pred)
+        labels.append(label)
+    pred, label = np.concatenate(preds), np.concatenate(labels)
+    metrics = evaluation.summarize(total)
+    ious, accs = [], []
+    for c in range(num_classes):
+        valid = label != 255
+        inter = ((pred == c) & (label == c) & valid).sum()
+        union = (((pred == c) | (label == c)) & valid).sum()
+        ious.append(inter / union if union else np.nan)
+        accs.append(inter / (label == c).sum() if (label == c).sum() else np.nan)
+    assert np.isnan(metrics['IoU'][4]) and metrics['IoU'][3] == 0        # absent / only predicted
+    assert np.allclose(metrics['IoU'], 100 * np.array(ious), equal_nan=True)
+    assert metrics['mIoU'] == pytest.approx(100 * np.nanmean(ious))
+    assert metrics['mAcc'] == pytest.approx(100 * np.nanmean(accs))
+    assert metrics['aAcc'] == pytest.approx(100 * (pred == label)[label != 255].mean())
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    """A random-weight mmsegmentation-layout checkpoint."""
+    path = tmp_path_factory.mktemp('ckpt') / 'mmseg_random.pth'
+    torch.manual_seed(0)
+    torch.save({'meta': {}, 'state_dict': random_state(bisenet.BiSeNetV1()).state_dict()}, path)
+    return path
+
+
+def test_eval_writes_cityscapes_label_ids_and_pictures(data, checkpoint, tmp_path):
+    run('eval.py', '--ckpt', checkpoint, '--data-path', data, '--device', 'cpu', '--workers', 0,
+        '--out-dir', tmp_path / 'out', '--show-dir', tmp_path / 'show', '--json', tmp_path / 'm.json')
+    model = bisenet.model_from_checkpoint(checkpoint).eval()
+    dataset = bisenet.Cityscapes(data, 'val', bisenet.EvalTransform())
+    total = torch.zeros(19, 19, dtype=torch.int64)
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        with torch.no_grad():
+            pred = model(image[None]).argmax(1)[0]
+        written = np.array(Image.open(tmp_path / 'out' / f'{dataset.name(i)}_leftImg8bit.png'))
+        assert (torch.from_numpy(bisenet.TRAIN_IDS[written]).long() == pred).float().mean() > 0.999
+        assert (tmp_path / 'show' / f'{dataset.name(i)}.png').is_file()
+        total += evaluation.confusion(pred, label, 19)
+    result = json.loads((tmp_path / 'm.json').read_text())
+    assert result['mIoU'] == pytest.approx(evaluation.summarize(total)['mIoU'], abs=0.05)
+    assert set(result['per_class']) == set(bisenet.CLASSES)
+
+
+def test_slide_and_aug_test(data, checkpoint):
+    model = bisenet.model_from_checkpoint(checkpoint).eval()
+    image = bisenet.normalize(torch.from_numpy(np.array(Image.open(
+        bisenet.Cityscapes(data, 'val').samples[0][0]))).permute(2, 0, 1)[None])
+    with torch.no_grad():
+        whole = evaluation.predict(model, image, 19)
+        # a window larger than the image: one window, the whole image
+        assert torch.allclose(evaluation.predict(model, image, 19, 'slide'), whole)
+        evaluation.SLIDE_WINDOW, evaluation.SLIDE_STRIDE = (48, 48), (32, 32)
+        try:
+            slide = evaluation.predict(model, image, 19, 'slide')
+        finally:
+            evaluation.SLIDE_WINDOW, evaluation.SLIDE_STRIDE = (1024, 1024), (768, 768)
+        assert slide.shape == whole.shape and not torch.allclose(slide, whole)
+        scores = evaluation.predict(model, image, 19, aug_test=True)
+    assert scores.shape == whole.shape
+    assert torch.allclose(scores.sum(1), torch.ones(1, *whole.shape[2:]), atol=1e-4)
+
+
+def test_two_process_eval_equals_one(data, checkpoint, tmp_path):
+    common = ['--ckpt', checkpoint, '--data-path', data, '--device', 'cpu', '--workers', 0]
+    run('eval.py', *common, '--json', tmp_path / 'one.json')
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                             '--nproc_per_node=2', str(HERE / 'eval.py'), *map(str, common),
+                             '--json', str(tmp_path / 'two.json')],
+                            env=ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '2 process(es)' in result.stdout
+    one, two = (json.loads((tmp_path / f'{n}.json').read_text()) for n in ('one', 'two'))
+    assert one == two
+
+
+def test_eval_bad_input(data, tmp_path):
+    junk = tmp_path / 'junk.pth'
+    junk.write_text('hello')
+    assert_one_line_error(run('eval.py', '--ckpt', junk, '--data-path', data, check=False),
+                          'not a PyTorch checkpoint')
+    torch.save({'state_dict': {'conv.weight': torch.zeros(1)}}, tmp_path / 'other.pth')
+    assert_one_line_error(run('eval.py', '--ckpt', tmp_path / 'other.pth', '--data-path', data,
+                              check=False), 'not a BiSeNetV1 checkpoint')
+    torch.save({'state_dict': bisenet.BiSeNetV1().state_dict()}, tmp_path / 'ok.pth')
+    assert_one_line_error(run('eval.py', '--ckpt', tmp_path / 'ok.pth', '--data-path',
+                              tmp_path / 'none', check=False), 'does not exist')
+    assert_one_line_error(run('eval.py', '--ckpt', tmp_path / 'ok.pth', '--data-path', data,
+                              '--split', 'test', check=False), 'leftImg8bit/test is missing')
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+TINY = ['--device', 'cpu', '--crop-size', 64, 64, '--batch-size', 2, '--log-interval', 2,
+        '--no-validate']
+
+
+def test_lr_schedule_phase_boundaries():
+    lr = lambda it: train.get_lr(it, 0.025, 160000, 1000)           # noqa: E731
+    assert lr(0) == pytest.approx(0.0025)                            # warmup starts at 0.1 x
+    assert lr(999) == pytest.approx(0.025)                           # and reaches lr
+    assert lr(1000) == pytest.approx(0.025)                          # poly starts there
+    assert lr(500) == pytest.approx(0.0025 + 0.0225 * 500 / 999)
+    assert lr(80000) == pytest.approx(1e-4 + (0.025 - 1e-4) * (1 - 79000 / 158999) ** 0.9)
+    assert lr(159999) == pytest.approx(1e-4)                         # floor at the last iter
+    assert all(lr(t) >= lr(t + 1) for t in range(1000, 160000, 997))
+
+
+def test_loss_averages_over_all_pixels_ignored_ones_included():
+    logits = torch.randn(2, 19, 4, 4)
+    label = torch.randint(0, 19, (2, 8, 8))
+    label[:, :4] = 255
+    losses = train.criterion([logits] * 3, label)
+    up = F.interpolate(logits, size=(8, 8), mode='bilinear', align_corners=False)
+    per_pixel = F.cross_entropy(up, label, ignore_index=255, reduction='none')
+    assert losses[0] == pytest.approx(per_pixel.sum().item() / 128)
+    assert losses[0] == pytest.approx(F.cross_entropy(up, label, ignore_index=255).item() / 2)
+
+
+def test_exact_resume_is_bit_identical(data, tmp_path):
+    common = [*TINY, '--data-path', data, '--iters', 6, '--ckpt-interval', 2, '--seed', 5]
+    run('train.py', *common, '--work-dir', tmp_path / 'full', '--workers', 0)
+    run('train.py', *common, '--work-dir', tmp_path / 'resumed', '--workers', 2,
+        '--resume-from', tmp_path / 'full' / 'iter_4.pth')
+    full, resumed = (torch.load(tmp_path / d / 'latest.pth', weights_only=True)
+                     for d in ('full', 'resumed'))
+    assert full['iteration'] == resumed['iteration'] == 6
+    for key, value in full['model'].items():
+        assert torch.equal(value, resumed['model'][key]), key
+    early = torch.load(tmp_path / 'full' / 'iter_4.pth', weights_only=True)['model']
+    assert not all(torch.equal(v, full['model'][k]) for k, v in early.items())
+    log = [json.loads(line) for line in (tmp_path / 'full' / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['iter'] for r in log] == [2, 4, 6] and all(r['loss'] > 0 for r in log)
+
+
+def test_kill_then_auto_resume_and_sigterm(data, tmp_path):
+    args = [sys.executable, str(HERE / 'train.py'), *map(str, TINY), '--data-path', str(data),
+            '--iters', '400', '--ckpt-interval', '2', '--workers', '0',
+            '--work-dir', str(tmp_path)]
+    process = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (tmp_path / 'iter_4.pth').exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.kill()                                                   # SIGKILL: no goodbye
+    process.wait()
+    # resume, then stop it politely with SIGTERM: it saves latest.pth and exits cleanly
+    process = subprocess.Popen(args + ['--resume-from', 'auto'], env=ENV, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while 'resumed from' not in (tmp_path / 'train.log').read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert 'stopped by signal' in out
+    stopped = torch.load(tmp_path / 'latest.pth', weights_only=True)['iteration']
+    assert 4 <= stopped < 400
+    result = run('train.py', *TINY, '--data-path', data, '--iters', stopped + 2, '--workers', 0,
+                 '--work-dir', tmp_path, '--resume-from', 'auto')
+    assert f'resumed from {tmp_path / "latest.pth"} at iteration {stopped}' in result.stdout
+    assert torch.load(tmp_path / 'latest.pth', weights_only=True)['iteration'] == stopped + 2
+
+
+def test_torchrun_two_processes(data, tmp_path):
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         str(HERE / 'train.py'), *map(str, TINY), '--data-path', str(data), '--iters', '4',
+         '--workers', '0', '--work-dir', str(tmp_path), '--val-interval', '4'],
+        env=ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'x 2 process(es) (gloo)' in result.stdout and 'global batch 4' in result.stdout
+    assert torch.load(tmp_path / 'latest.pth', weights_only=True)['iteration'] == 4
+
+
+def test_demo_on_a_tiny_budget(tmp_path):
+    result = run('train.py', '--demo', '--iters', 4, '--crop-size', 64, 64, '--batch-size', 2,
+                 '--work-dir', tmp_path, '--val-interval', 4, '--workers', 0)
+    assert 'demo done: mIoU' in result.stdout
+    assert list((tmp_path / 'demo_predictions').rglob('*.png'))
+    assert (tmp_path / 'best.pth').is_file()
+
+
+def test_perf_mode_prints_fps(data, tmp_path):
+    result = run('train.py', *TINY, '--data-path', data, '--iters', 6, '--perf', '--workers', 0,
+                 '--work-dir', tmp_path)
+    assert result.stdout.strip().splitlines()[-1].startswith('FPS: ')
+    assert not list(tmp_path.glob('*.pth'))
+
+
+def test_train_bad_input(data, tmp_path):
+    (tmp_path / 'latest.pth').write_bytes(b'keep me')
+    base = ['--work-dir', tmp_path, '--device', 'cpu']
+    cases = [
+        (['--data-path', tmp_path / 'none'], 'does not exist'),
+        (['--data-path', tmp_path], 'gtFine'),
+        (['--data-path', data, '--resume-from', tmp_path / 'gone.pth'], 'gone.pth does not exist'),
+        (['--data-path', data, '--load-from', tmp_path / 'latest.pth'], 'not a PyTorch checkpoint'),
+        (['--data-path', data, '--batch-size', 0], '--batch-size must be positive'),
+        (['--data-path', data, '--iters', -1], '--iters must be positive'),
+        (['--data-path', data, '--crop-size', 0, 64], '--crop-size must be positive'),
+        (['--data-path', data, '--device', 'npu'], 'torch_npu'),
+    ]
+    (tmp_path / 'leftImg8bit' / 'train').mkdir(parents=True)
+    for args, words in cases:
+        assert_one_line_error(run('train.py', *base, *args, check=False), words)
+    assert (tmp_path / 'latest.pth').read_bytes() == b'keep me'
