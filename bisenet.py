@@ -19,7 +19,6 @@ synthetic Cityscapes-layout set for demos and tests. One file, so the two script
     python bisenet.py --bench-data ROOT   # data-loading cost per image against a bare decode
 """
 import argparse
-import math
 import os
 import time
 from pathlib import Path
@@ -406,6 +405,7 @@ def train_id_table():
 
 
 TRAIN_IDS = train_id_table()
+TRAIN_IDS_LIST = TRAIN_IDS.tolist()      # the form PIL's Image.point takes
 
 
 class DatasetError(ValueError):
@@ -462,8 +462,10 @@ class Cityscapes(torch.utils.data.Dataset):
             raise DatasetError(f'cannot read {image_path} or its label: {e}') from None
         if image.mode != 'RGB':
             image = image.convert('RGB')
-        if label.mode != 'L' or raw:
-            label = label.convert('L').point(list(TRAIN_IDS) if raw else list(range(256)))
+        if label.mode != 'L':
+            label = label.convert('L')
+        if raw:
+            label = label.point(TRAIN_IDS_LIST)
         if image.size != label.size:
             raise DatasetError(f'{image_path} is {image.size} but its label is {label.size}')
         return image, label

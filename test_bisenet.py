@@ -100,6 +100,15 @@ def run(script, *args, check=True, timeout=240):
     return result
 
 
+def torchrun(script, *args, nproc=2):
+    """Run a project script under torchrun with `nproc` CPU processes (gloo)."""
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                             f'--nproc_per_node={nproc}', str(HERE / script), *map(str, args)],
+                            env=ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def assert_one_line_error(result, *words):
     """A user error: non-zero exit, one line on stderr naming the problem, no traceback."""
     assert result.returncode != 0
@@ -489,11 +498,7 @@ def test_slide_and_aug_test(data, checkpoint):
 def test_two_process_eval_equals_one(data, checkpoint, tmp_path):
     common = ['--ckpt', checkpoint, '--data-path', data, '--device', 'cpu', '--workers', 0]
     run('eval.py', *common, '--json', tmp_path / 'one.json')
-    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                             '--nproc_per_node=2', str(HERE / 'eval.py'), *map(str, common),
-                             '--json', str(tmp_path / 'two.json')],
-                            env=ENV, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun('eval.py', *common, '--json', tmp_path / 'two.json')
     assert '2 process(es)' in result.stdout
     one, two = (json.loads((tmp_path / f'{n}.json').read_text()) for n in ('one', 'two'))
     assert one == two
@@ -590,12 +595,8 @@ def test_kill_then_auto_resume_and_sigterm(data, tmp_path):
 
 
 def test_torchrun_two_processes(data, tmp_path):
-    result = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-         str(HERE / 'train.py'), *map(str, TINY), '--data-path', str(data), '--iters', '4',
-         '--workers', '0', '--work-dir', str(tmp_path), '--val-interval', '4'],
-        env=ENV, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun('train.py', *TINY, '--data-path', data, '--iters', 4, '--workers', 0,
+                      '--work-dir', tmp_path, '--val-interval', 4)
     assert 'x 2 process(es) (gloo)' in result.stdout and 'global batch 4' in result.stdout
     assert torch.load(tmp_path / 'latest.pth', weights_only=True)['iteration'] == 4
 

@@ -18,7 +18,6 @@ load with torch.load(weights_only=True), and are what eval.py --ckpt reads.
 """
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -191,9 +190,9 @@ def train(args, runtime, stop):
             bisenet.make_synthetic_cityscapes(args.data_path, seed=args.seed)
         if runtime.distributed:
             torch.distributed.barrier()
-    on_device = True        # photometric distortion + normalisation batched on the device
+    # The photometric distortion and normalisation run batched on the device, in the loop.
     train_set = bisenet.Cityscapes(args.data_path, 'train',
-                                   bisenet.TrainTransform(args.crop_size, on_device=on_device))
+                                   bisenet.TrainTransform(args.crop_size, on_device=True))
     validate = not (args.no_validate or args.perf or args.prof)
     val_set = (bisenet.Cityscapes(args.data_path, 'val', bisenet.EvalTransform(on_device=True))
                if validate else None)
@@ -221,9 +220,10 @@ def train(args, runtime, stop):
     start_iter, best_miou = 0, -1.0
     resume = args.resume_from
     if resume == 'auto':
-        resume = work_dir / 'latest.pth'
-        log(f'--resume-from auto: {"resuming from " + str(resume) if resume.is_file() else "no " + str(resume) + ", starting fresh"}')
-        resume = resume if resume.is_file() else None
+        latest = work_dir / 'latest.pth'
+        resume = latest if latest.is_file() else None
+        log(f'--resume-from auto: resuming from {latest}' if resume else
+            f'--resume-from auto: no {latest}, starting fresh')
     if resume:
         ckpt = bisenet.load_file(resume)
         if not isinstance(ckpt, dict) or 'optimizer' not in ckpt or 'iteration' not in ckpt:
@@ -254,7 +254,7 @@ def train(args, runtime, stop):
         f'{args.iters} iterations, SGD lr {args.lr} (warmup {args.warmup_iters}, poly 0.9 to '
         f'1e-4), {len(train_set)} training images from {args.data_path}')
     if global_batch != 16 and not args.demo:
-        log(f'note: the reference recipe uses a global batch of 16 with lr 0.025')
+        log('note: the reference recipe uses a global batch of 16 with lr 0.025')
 
     def checkpoint(iteration, names):
         if runtime.rank != 0:
