@@ -14,7 +14,10 @@ format cityscapesscripts' evaluation and the benchmark server accept; --show-dir
 prediction in the official colours over the image. train.py validates with evaluate() below.
 """
 import argparse
+import copy
 import json
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,6 +50,8 @@ def get_args_parser():
     parser.add_argument('--device_list', help='Ascend scripts\' device ids, e.g. 0,1,2,3')
     parser.add_argument('--amp', action='store_true', help='autocast (NPU/CUDA only)')
     parser.add_argument('--amp-dtype', choices=('fp16', 'bf16'), default='fp16')
+    parser.add_argument('--compile', action='store_true',
+                        help='torch.compile the fast path (compiles per input size first)')
     parser.add_argument('--workers', type=int, default=4, help='data loading processes')
     parser.add_argument('--trust-pickle', action='store_true',
                         help='load a checkpoint that holds pickled objects (runs its code)')
@@ -139,12 +144,27 @@ def predict(model, image, num_classes, mode='whole', aug_test=False):
     return scores / (2 * len(AUG_RATIOS))
 
 
-def prepare_for_inference(model, runtime):
-    """The inference fast path: BatchNorm folded into the convs, channels_last where it pays
-    (CPU and CUDA; unsupported on NPU). Same outputs as the plain model (tested)."""
-    model = bisenet.fold_batchnorm(model.eval()).to(runtime.device)
-    if runtime.type in ('cpu', 'cuda'):
-        model = model.to(memory_format=torch.channels_last)
+def inference_format(runtime):
+    """channels_last where it pays at inference (CPU and CUDA); NPU does not support it."""
+    return torch.channels_last if runtime.type in ('cpu', 'cuda') else torch.contiguous_format
+
+
+def prepare_for_inference(model, runtime, compile_model=False):
+    """The inference fast path, as a new model (`model` itself is left as it is): BatchNorm
+    folded into the convs, channels_last where it pays (CPU and CUDA; unsupported on NPU), and
+    with compile_model torch.compile on top. Same outputs as the plain model (tested)."""
+    model = bisenet.fold_batchnorm(copy.deepcopy(model).eval())
+    model = model.to(runtime.device, memory_format=inference_format(runtime))
+    if compile_model:
+        if runtime.type == 'npu':
+            raise bisenet.SetupError('--compile is not supported on NPU: drop it')
+        if runtime.type == 'cpu' and not any(shutil.which(c) for c in ('g++', 'clang++', 'c++')):
+            raise bisenet.SetupError('--compile on CPU needs a C++ compiler (g++ or clang++): '
+                                     'install one or drop --compile')
+        try:
+            model = torch.compile(model)
+        except RuntimeError as e:               # e.g. a Python that this torch's Dynamo lacks
+            raise bisenet.SetupError(f'--compile is not available here ({e}): drop it') from e
     return model
 
 
@@ -164,13 +184,12 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=1, sampler=shard(len(dataset), runtime), num_workers=workers,
         pin_memory=runtime.type != 'cpu')
-    memory_format = torch.channels_last if runtime.type in ('cpu', 'cuda') else torch.contiguous_format
     total = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
     start, last_log = time.time(), 0.0
     for step, (index, (image, label)) in enumerate(zip(loader.sampler, loader)):
         image = image.to(runtime.device, non_blocking=True)
         label = label.to(runtime.device, non_blocking=True)
-        x = bisenet.normalize(image).contiguous(memory_format=memory_format)
+        x = bisenet.normalize(image).contiguous(memory_format=inference_format(runtime))
         with runtime.autocast():
             scores = predict(model, x, num_classes, mode, aug_test)
         pred = scores.argmax(1)
@@ -212,30 +231,43 @@ def save_prediction(pred, image, name, out_dir, show_dir):
 
 
 @torch.no_grad()
-def benchmark(model, runtime, size=(1024, 2048), warmup=3, iters=10, log=print):
-    """Whole-image inference time per image at batch 1: the plain model next to the fast path
-    (folded BN, channels_last), measured in one run; the last line is 'FPS: <fast path>'."""
+def benchmark(model, runtime, compile_model=False, size=(1024, 2048), warmup=2, rounds=6,
+              log=print):
+    """Time per image of whole-image inference at batch 1, from the normalised image to the
+    label map (the logits' argmax, which mmsegmentation's benchmark also times): the plain
+    model next to the fast path, in alternating rounds so that a noisy machine slows both
+    alike; medians. The last line is 'FPS: <fast path>'."""
     x = torch.randn(1, 3, *size, device=runtime.device)
-    results = {}
-    for name, net in (('plain model', model.eval().to(runtime.device)),
-                      ('fast path', prepare_for_inference(model, runtime))):
-        fast = name == 'fast path'
-        inputs = x.contiguous(memory_format=torch.channels_last) if fast and \
-            runtime.type in ('cpu', 'cuda') else x
-        for _ in range(warmup):
+    fast_x = x.contiguous(memory_format=inference_format(runtime))
+    model = model.eval().to(runtime.device)
+    fast = prepare_for_inference(model, runtime, compile_model)
+    runs = {'plain model': lambda: predict(model, x, model.num_classes).argmax(1),
+            'fast path': lambda: predict(fast, fast_x, model.num_classes).argmax(1)}
+    times = {name: [] for name in runs}
+    for _ in range(warmup):                     # also compiles, with compile_model
+        with runtime.autocast():
+            for run in runs.values():
+                run()
+    for i in range(rounds):
+        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+            runtime.synchronize()
+            start = time.perf_counter()
             with runtime.autocast():
-                net(inputs)
-        runtime.synchronize()
-        start = time.perf_counter()
-        for _ in range(iters):
-            with runtime.autocast():
-                net(inputs)
-        runtime.synchronize()
-        results[name] = (time.perf_counter() - start) / iters
-        log(f'{name:<12} {results[name] * 1e3:8.1f} ms per image')
-    log(f'fast path / plain model: {results["fast path"] / results["plain model"]:.2f} x the time '
-        f'({size[0]} x {size[1]}, batch 1, {runtime.type}, {runtime.precision})')
-    log(f'FPS: {1 / results["fast path"]:.2f}')
+                runs[name]()
+            runtime.synchronize()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in times.items():
+        log(f'{name:<12} {median[name] * 1e3:8.1f} ms per image (median of '
+            f'{", ".join(f"{s * 1e3:.0f}" for s in t)})')
+    what = 'folded BN'
+    if inference_format(runtime) == torch.channels_last:
+        what += ', channels_last'
+    if compile_model:
+        what += ', torch.compile'
+    log(f'fast path ({what}) / plain model: {median["fast path"] / median["plain model"]:.2f} x '
+        f'the time ({size[0]} x {size[1]}, batch 1, {runtime.type}, {runtime.precision})')
+    log(f'FPS: {1 / median["fast path"]:.2f}')
 
 
 def make_profiler(runtime, trace_dir, steps=5):
@@ -264,8 +296,9 @@ def main(argv=None):
         if args.benchmark:
             model = (bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle) if args.ckpt
                      else bisenet.BiSeNetV1(19, args.backbone))
-            runtime.print0(f'BiSeNetV1 {model.backbone_name}, {runtime.device}, {runtime.precision}')
-            benchmark(model, runtime, log=runtime.print0)
+            runtime.print0(f'BiSeNetV1 {model.backbone_name}, {runtime.device}, '
+                           f'{runtime.precision}')
+            benchmark(model, runtime, args.compile, log=runtime.print0)
             return
         model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle)
         dataset = bisenet.Cityscapes(args.data_path, args.split,
@@ -276,7 +309,7 @@ def main(argv=None):
                        f'classes) on {len(dataset)} images of {args.data_path}/{args.split}, '
                        f'{args.mode}{" + ms/flip" if args.aug_test else ""}, {runtime.device}, '
                        f'{runtime.precision}, {runtime.world_size} process(es)')
-        model = prepare_for_inference(model, runtime)
+        model = prepare_for_inference(model, runtime, args.compile)
         profiler = make_profiler(runtime, args.prof_dir) if args.prof_test else None
         if profiler is not None:
             profiler.start()

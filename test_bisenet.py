@@ -235,15 +235,26 @@ def test_imagenet_backbone_loader(tmp_path):
 
 def test_fast_inference_path_equals_the_plain_model():
     model = random_state(bisenet.BiSeNetV1().eval())
+    batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     x = torch.randn(1, 3, 67, 123)
     with torch.no_grad():
         plain = model(x)
-        runtime = bisenet.Runtime('cpu')
-        fast = evaluation.prepare_for_inference(model, runtime)(
-            x.contiguous(memory_format=torch.channels_last))
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        fast_model = evaluation.prepare_for_inference(model, bisenet.Runtime('cpu'))
+        fast = fast_model(x.contiguous(memory_format=torch.channels_last))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast_model.modules())
+    assert batch_norms == [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert (fast - plain).abs().max() <= 1e-4 * plain.abs().max()
     assert (fast.argmax(1) == plain.argmax(1)).float().mean() > 0.999
+
+
+def test_benchmark_times_the_plain_model_against_the_fast_path():
+    model, lines = bisenet.BiSeNetV1().eval(), []
+    evaluation.benchmark(model, bisenet.Runtime('cpu'), size=(64, 128), warmup=1, rounds=2,
+                         log=lines.append)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())   # really plain
+    assert lines[0].startswith('plain model') and lines[1].startswith('fast path')
+    assert 'channels_last' in lines[2] and float(lines[2].split(': ')[1].split(' x')[0]) > 0
+    assert lines[-1].startswith('FPS: ') and float(lines[-1].split()[1]) > 0
 
 
 # ----------------------------------------------------------------------------------------------
