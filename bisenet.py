@@ -21,6 +21,7 @@ synthetic Cityscapes-layout set for demos and tests. One file, so the two script
 import argparse
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -320,7 +321,6 @@ def load_file(path, trust_pickle=False):
     try:
         return torch.load(path, map_location='cpu', weights_only=not trust_pickle)
     except Exception as e:  # torch raises many types here: zip errors, unpickling, EOF
-        import zipfile
         if not zipfile.is_zipfile(path):
             reason = 'not a PyTorch checkpoint (or a truncated one)'
         elif not trust_pickle and 'weights_only' in str(e):
@@ -761,6 +761,17 @@ def one_line(error):
     return line
 
 
+def make_dir(path, flag):
+    """Create the output folder `path` (given by `flag`) up front: a path that cannot be a
+    folder fails in one line before any work, not at the end of it."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SetupError(f'{flag} {path}: cannot create this folder ({e.strerror}); '
+                         f'give a writable folder') from None
+    return Path(path)
+
+
 def import_torch_npu():
     """Import torch_npu if it is installed and loads; None otherwise. Never a requirement:
     installed without the CANN toolkit, it fails to load (and so would a plain import)."""
@@ -798,7 +809,11 @@ class Runtime:
             raise SetupError('--amp needs an NPU or CUDA device; on CPU run in fp32 (drop --amp)')
         index = self.local_rank
         if device_list:
-            ids = [int(i) for i in str(device_list).split(',') if i.strip()]
+            try:
+                ids = [int(i) for i in str(device_list).split(',') if i.strip()]
+            except ValueError:
+                raise SetupError(f'--device_list {device_list}: expected device ids such as '
+                                 f'0,1,2,3') from None
             if self.local_rank >= len(ids):
                 raise SetupError(f'--device_list {device_list} has no device for local rank '
                                  f'{self.local_rank}')
@@ -815,7 +830,11 @@ class Runtime:
             torch.distributed.init_process_group(self.backend)
         self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[amp_dtype] if amp else None
         self.precision = amp_dtype if amp else 'fp32'
-        self.channels_last = device == 'cuda'          # unsupported on NPU, no gain in training
+        # channels_last is unsupported on NPU; it pays at inference on CPU and CUDA, and in
+        # training on CUDA only.
+        self.train_format = torch.channels_last if device == 'cuda' else torch.contiguous_format
+        self.inference_format = (torch.channels_last if device in ('cpu', 'cuda')
+                                 else torch.contiguous_format)
 
     def autocast(self):
         """The precision context of forward passes: autocast when --amp, else fp32."""

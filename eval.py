@@ -144,17 +144,12 @@ def predict(model, image, num_classes, mode='whole', aug_test=False):
     return scores / (2 * len(AUG_RATIOS))
 
 
-def inference_format(runtime):
-    """channels_last where it pays at inference (CPU and CUDA); NPU does not support it."""
-    return torch.channels_last if runtime.type in ('cpu', 'cuda') else torch.contiguous_format
-
-
 def prepare_for_inference(model, runtime, compile_model=False):
     """The inference fast path, as a new model (`model` itself is left as it is): BatchNorm
     folded into the convs, channels_last where it pays (CPU and CUDA; unsupported on NPU), and
     with compile_model torch.compile on top. Same outputs as the plain model (tested)."""
     model = bisenet.fold_batchnorm(copy.deepcopy(model).eval())
-    model = model.to(runtime.device, memory_format=inference_format(runtime))
+    model = model.to(runtime.device, memory_format=runtime.inference_format)
     if compile_model:
         if runtime.type == 'npu':
             raise bisenet.SetupError('--compile is not supported on NPU: drop it')
@@ -189,7 +184,7 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
     for step, (index, (image, label)) in enumerate(zip(loader.sampler, loader)):
         image = image.to(runtime.device, non_blocking=True)
         label = label.to(runtime.device, non_blocking=True)
-        x = bisenet.normalize(image).contiguous(memory_format=inference_format(runtime))
+        x = bisenet.normalize(image).contiguous(memory_format=runtime.inference_format)
         with runtime.autocast():
             scores = predict(model, x, num_classes, mode, aug_test)
         pred = scores.argmax(1)
@@ -238,7 +233,7 @@ def benchmark(model, runtime, compile_model=False, size=(1024, 2048), warmup=2, 
     model next to the fast path, in alternating rounds so that a noisy machine slows both
     alike; medians. The last line is 'FPS: <fast path>'."""
     x = torch.randn(1, 3, *size, device=runtime.device)
-    fast_x = x.contiguous(memory_format=inference_format(runtime))
+    fast_x = x.contiguous(memory_format=runtime.inference_format)
     model = model.eval().to(runtime.device)
     fast = prepare_for_inference(model, runtime, compile_model)
     runs = {'plain model': lambda: predict(model, x, model.num_classes).argmax(1),
@@ -261,7 +256,7 @@ def benchmark(model, runtime, compile_model=False, size=(1024, 2048), warmup=2, 
         log(f'{name:<12} {median[name] * 1e3:8.1f} ms per image (median of '
             f'{", ".join(f"{s * 1e3:.0f}" for s in t)})')
     what = 'folded BN'
-    if inference_format(runtime) == torch.channels_last:
+    if runtime.inference_format == torch.channels_last:
         what += ', channels_last'
     if compile_model:
         what += ', torch.compile'
@@ -292,6 +287,8 @@ def main(argv=None):
     try:
         if not args.benchmark and not args.ckpt:
             raise bisenet.SetupError('--ckpt is required (or --benchmark for a timing run)')
+        if args.workers < 0:
+            raise bisenet.SetupError(f'--workers cannot be negative, not {args.workers}')
         runtime = bisenet.Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
         if args.benchmark:
             model = (bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle) if args.ckpt
@@ -300,6 +297,11 @@ def main(argv=None):
                            f'{runtime.precision}')
             benchmark(model, runtime, args.compile, log=runtime.print0)
             return
+        for flag, folder in (('--out-dir', args.out_dir), ('--show-dir', args.show_dir),
+                             ('--json', args.json and Path(args.json).parent),
+                             ('--prof-dir', args.prof_test and args.prof_dir)):
+            if folder:                          # fail now, not after the evaluation
+                bisenet.make_dir(folder, flag)
         model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle)
         dataset = bisenet.Cityscapes(args.data_path, args.split,
                                      bisenet.EvalTransform(on_device=True))
@@ -324,7 +326,6 @@ def main(argv=None):
         if args.json and runtime.rank == 0:
             result = {k: metrics[k] for k in ('mIoU', 'mAcc', 'aAcc')}
             result['per_class'] = dict(zip(names, metrics['IoU']))
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(result, indent=2) + '\n')
     except (bisenet.CheckpointError, bisenet.DatasetError, bisenet.SetupError) as e:
         sys.exit(f'error: {bisenet.one_line(e)}')

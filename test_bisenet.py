@@ -528,6 +528,9 @@ def test_eval_bad_input(data, tmp_path):
                               tmp_path / 'none', check=False), 'does not exist')
     assert_one_line_error(run('eval.py', '--ckpt', tmp_path / 'ok.pth', '--data-path', data,
                               '--split', 'test', check=False), 'leftImg8bit/test is missing')
+    assert_one_line_error(run('eval.py', '--ckpt', tmp_path / 'ok.pth', '--data-path', data,
+                              '--json', junk / 'm.json', check=False),
+                          f'--json {junk}: cannot create this folder')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def main(argv=None):
 def train(args, runtime, stop):
     work_dir = Path(args.work_dir)
     if runtime.rank == 0:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        bisenet.make_dir(work_dir, '--work-dir')
     log_file = open(work_dir / 'train.log', 'a') if runtime.rank == 0 else None
     metrics_file = open(work_dir / 'metrics.jsonl', 'a') if runtime.rank == 0 else None
 
@@ -211,8 +211,7 @@ def train(args, runtime, stop):
             setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
         context_path = model.backbone.context_path
         context_path.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(context_path.backbone)
-    memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
-    model = model.to(runtime.device, memory_format=memory_format)
+    model = model.to(runtime.device, memory_format=runtime.train_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scaler = runtime.grad_scaler(args.loss_scale)
 
@@ -285,7 +284,7 @@ def train(args, runtime, stop):
         images = images.to(runtime.device, non_blocking=True)
         labels = labels.to(runtime.device, non_blocking=True)
         images = bisenet.distort_and_normalize(images, params)
-        images = images.contiguous(memory_format=memory_format)
+        images = images.contiguous(memory_format=runtime.train_format)
 
         lr = get_lr(iteration, args.lr, args.iters, args.warmup_iters)
         for group in optimizer.param_groups:
