@@ -21,6 +21,7 @@ synthetic Cityscapes-layout set for demos and tests. One file, so the two script
 import argparse
 import os
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -319,7 +320,9 @@ def load_file(path, trust_pickle=False):
     if not path.is_file():
         raise CheckpointError(f'checkpoint {path} does not exist')
     try:
-        return torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+        with warnings.catch_warnings():     # torch 2.1 warns about its own storage internals
+            warnings.filterwarnings('ignore', message='TypedStorage is deprecated')
+            return torch.load(path, map_location='cpu', weights_only=not trust_pickle)
     except Exception as e:  # torch raises many types here: zip errors, unpickling, EOF
         if not zipfile.is_zipfile(path):
             reason = 'not a PyTorch checkpoint (or a truncated one)'

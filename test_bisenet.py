@@ -376,22 +376,30 @@ def test_sampler_shards_the_stream_between_ranks():
 
 
 def reference_distortion(image, p):
-    """A straightforward per-image version of the reference's photometric distortion
-    (numpy + colorsys, pixel by pixel), OpenCV's 8-bit HSV rounding included."""
+    """A straightforward per-image version of the reference's photometric distortion in numpy
+    float32, with OpenCV's 8-bit HSV rounding and the textbook HSV formulas (chroma and sector),
+    not the batched code's. Array maths only, so NumPy 1 and 2 promote alike."""
     def trunc(x):
         return np.floor(np.clip(x, 0, 255))
     def to_hsv(rgb):
-        out = np.zeros_like(rgb)
-        for i, j in np.ndindex(rgb.shape[:2]):
-            h, s, v = colorsys.rgb_to_hsv(*(rgb[i, j] / 255))
-            out[i, j] = (np.floor(h * 180 + 0.5) % 180, np.floor(s * 255 + 0.5), v * 255)
-        return out
+        r, g, b = np.moveaxis(rgb, -1, 0)
+        v, chroma = rgb.max(-1), rgb.max(-1) - rgb.min(-1)
+        c = np.maximum(chroma, 1)
+        degrees = np.select([chroma == 0, v == r, v == g],
+                            [0 * v, (g - b) / c * 60, 120 + (b - r) / c * 60], 240 + (r - g) / c * 60)
+        s = np.where(v > 0, np.floor(chroma / np.maximum(v, 1) * 255 + 0.5), 0)
+        return np.stack([np.floor(degrees / 2 + 0.5) % 180, s, v], -1).astype(np.float32)
     def to_rgb(hsv):
-        out = np.zeros_like(hsv)
-        for i, j in np.ndindex(hsv.shape[:2]):
-            h, s, v = hsv[i, j]
-            out[i, j] = np.round(np.array(colorsys.hsv_to_rgb(h / 180, s / 255, v / 255)) * 255)
-        return out
+        h, s, v = np.moveaxis(hsv, -1, 0)
+        chroma = v * s / 255
+        sector = h / 30                                           # 0-180 scale: 30 per sector
+        x = chroma * (1 - np.abs(sector % 2 - 1))
+        zero = 0 * v
+        rgb = np.select([(sector < k)[..., None] for k in range(1, 7)],
+                        [np.stack(t, -1) for t in ((chroma, x, zero), (x, chroma, zero),
+                                                   (zero, chroma, x), (zero, x, chroma),
+                                                   (x, zero, chroma), (chroma, zero, x))])
+        return np.round(rgb + (v - chroma)[..., None]).astype(np.float32)
     x = image.astype(np.float32)
     x = trunc(x + np.float32(p['brightness']))
     if p['contrast_first']:
