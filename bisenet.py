@@ -19,17 +19,46 @@ synthetic Cityscapes-layout set for demos and tests. One file, so the two script
     python bisenet.py --bench-data ROOT   # data-loading cost per image against a bare decode
 """
 import argparse
+import functools
+import inspect
 import os
+import re
 import time
 import warnings
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
+
+
+def numpy_problem(torch_version, numpy_version):
+    """Why this torch cannot run next to this NumPy, or None. torch wheels before 2.3 are built
+    against NumPy 1 and do not pin it: next to NumPy 2 their import prints pages of warnings and
+    torch.from_numpy fails at the first sample (pytorch/pytorch#107302)."""
+    def major_minor(version):
+        match = re.match(r'(\d+)\.(\d+)', version)
+        return tuple(int(n) for n in match.groups()) if match else None
+    torch_mm, numpy_mm = major_minor(torch_version), major_minor(numpy_version)
+    if torch_mm and numpy_mm and torch_mm < (2, 3) and numpy_mm >= (2, 0):
+        return (f'torch {torch_version} needs NumPy 1, but NumPy {numpy_version} is installed: '
+                f'pip install "numpy<2"')
+    return None
+
+
+# Checked before torch loads (the scripts import this file first), so that a bad pair gets one
+# line instead of torch's pages of warnings.
+try:
+    _problem = numpy_problem(metadata.version('torch'), np.__version__)
+except metadata.PackageNotFoundError:       # a torch built from source: nothing to check
+    _problem = None
+if _problem:
+    raise SystemExit(f'error: {_problem}')
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Model
@@ -350,6 +379,12 @@ def load_state_dict(model, state_dict, source='checkpoint', target=None):
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [f'{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
                   for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    backbone = getattr(model, 'backbone_name', None)
+    if backbone and (missing or unexpected) and 'decode_head.conv_seg.weight' in state_dict:
+        theirs = config_from_state_dict(state_dict)[0]
+        if theirs != backbone:
+            raise CheckpointError(f'{source} is a {theirs} BiSeNetV1 but the model is {backbone}: '
+                                  f'run with --backbone {theirs}')
     problems = []
     for name, keys in (('missing', missing), ('unexpected', unexpected),
                        ('shape mismatch', mismatched)):
@@ -380,6 +415,10 @@ def load_imagenet_backbone(model, path):
     """Load torchvision-format ImageNet ResNet weights (resnet18 / resnet50) into the Context
     Path's backbone; `fc.*` is dropped, anything else missing or extra is an error."""
     state_dict = {k: v for k, v in read_state_dict(path).items() if not k.startswith('fc.')}
+    depth = 'resnet50' if 'layer1.0.conv3.weight' in state_dict else 'resnet18'
+    if 'layer1.0.conv1.weight' in state_dict and depth != model.backbone_name:
+        raise CheckpointError(f'ImageNet weights {path} are a {depth}, the model is '
+                              f'{model.backbone_name}: run with --backbone {depth}')
     load_state_dict(model.backbone.context_path.backbone, state_dict, f'ImageNet weights {path}',
                     target=f'a torchvision {model.backbone_name}')
     return model
@@ -512,6 +551,14 @@ class InfiniteSampler(torch.utils.data.Sampler):
             step += 1
 
 
+def parse_crop_size(values):
+    """The --crop-size flag's values as (h, w): one value S means S x S, two are H W."""
+    if len(values) not in (1, 2) or min(values) <= 0:
+        raise SetupError(f'--crop-size takes one positive size or H W, not '
+                         f'{" ".join(map(str, values))}')
+    return values[0], values[-1]
+
+
 def accept_crop(label, cat_max_ratio=0.75):
     """The reference's crop rule: more than one class, and none (ignore aside) covering
     `cat_max_ratio` or more of the labelled pixels."""
@@ -614,17 +661,19 @@ def from_pil(image):
 
 def photometric_params(rng, valid_size):
     """One sample's photometric distortion, drawn as the reference draws it: each step with
-    probability 0.5; hue deltas are integers in [-18, 18) as numpy's randint gives."""
+    probability 0.5; hue deltas are integers in [-18, 18) as numpy's randint gives. float32,
+    the precision they are applied in, so that a batch of them is one pinned float32 copy."""
     def coin():
         return rng.random() < 0.5
-    return {
-        'size': np.array(valid_size),                       # unpadded (h, w)
+    draws = {
         'brightness': rng.uniform(-32, 32) if coin() else 0.0,
         'contrast': rng.uniform(0.5, 1.5) if coin() else 1.0,
         'contrast_first': float(coin()),
         'saturation': rng.uniform(0.5, 1.5) if coin() else 0.0,   # 0 = step skipped
         'hue': float(rng.integers(-18, 18)) if coin() else float('nan'),   # nan = skipped
     }
+    return dict({'size': np.array(valid_size)},                 # unpadded (h, w)
+                **{name: np.float32(value) for name, value in draws.items()})
 
 
 def to_uint8(x):
@@ -649,31 +698,30 @@ def hsv_to_rgb(hsv):
     sector = torch.floor(h)
     f = h - sector
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    sector = sector.long().remainder(6)[:, None]
-    # (r, g, b) per sector from (v, p, q, t): the standard HSV table
-    table = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]],
-                         device=hsv.device)
+    sector = sector.long().remainder(6)
     choices = torch.stack([v, p, q, t], 1)
-    index = table[sector.squeeze(1)].permute(0, 3, 1, 2)
+    index = device_constants(hsv.device)['hsv_table'][sector].permute(0, 3, 1, 2)
     return torch.round(torch.gather(choices, 1, index))
 
 
 def distort_and_normalize(images, params):
     """Photometric distortion, normalisation and zero padding of a uint8 RGB batch (N, 3, H, W),
-    on whatever device it lives; `params` is the collated photometric_params of its samples.
+    on whatever device it lives; `params` is the collated photometric_params of its samples, on
+    the CPU (pinned by the DataLoader on an accelerator).
 
     Each step reproduces the reference's uint8 arithmetic: brightness (+delta), contrast (xalpha,
     first or last), saturation (xalpha in HSV), hue (shift on the 0-180 scale), rounding to uint8
-    after each, then (x - MEAN) / STD, then 0 outside each sample's unpadded size.
+    after each, then (x - MEAN) / STD, then 0 outside each sample's unpadded size. Nothing here
+    waits for the device: the copies do not block and decisions read the CPU-side parameters.
     """
     def column(name):
-        return params[name].to(images.device, torch.float32).view(-1, 1, 1, 1)
+        return params[name].to(images.device, non_blocking=True).view(-1, 1, 1, 1)
     x = images.float()
     contrast, contrast_first = column('contrast'), column('contrast_first') > 0
     x = to_uint8(x + column('brightness'))
     x = torch.where(contrast_first, to_uint8(x * contrast), x)
     saturation, hue = column('saturation'), column('hue')
-    if bool((saturation > 0).any()) or bool((~hue.isnan()).any()):
+    if bool((params['saturation'] > 0).any()) or bool((~params['hue'].isnan()).any()):
         hsv = rgb_to_hsv(x)
         saturated = torch.cat([hsv[:, :1], to_uint8(hsv[:, 1:2] * saturation), hsv[:, 2:]], 1)
         x = torch.where(saturation > 0, hsv_to_rgb(saturated), x)
@@ -682,7 +730,7 @@ def distort_and_normalize(images, params):
         x = torch.where(hue.isnan(), x, hsv_to_rgb(shifted))
     x = torch.where(contrast_first, x, to_uint8(x * contrast))
     x = normalize(x)
-    sizes = params['size'].to(images.device)
+    sizes = params['size'].to(images.device, non_blocking=True)
     rows = torch.arange(x.shape[2], device=x.device)[None, :, None] < sizes[:, 0, None, None]
     cols = torch.arange(x.shape[3], device=x.device)[None, None, :] < sizes[:, 1, None, None]
     return x * (rows & cols)[:, None].to(x.dtype)
@@ -690,9 +738,21 @@ def distort_and_normalize(images, params):
 
 def normalize(images):
     """(x - MEAN) / STD for an RGB batch (N, 3, H, W), uint8 or float, as float32."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() - mean) / std
+    constants = device_constants(images.device)
+    return (images.float() - constants['mean']) / constants['std']
+
+
+@functools.lru_cache(maxsize=None)
+def device_constants(device):
+    """The data pipeline's constants on `device`, made once per device: a tensor built from
+    Python numbers is a blocking host-to-device copy, which every iteration would pay."""
+    return {
+        'mean': torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
+        'std': torch.tensor(STD, device=device).view(1, 3, 1, 1),
+        # (r, g, b) per HSV sector as indices into (v, p, q, t): the standard HSV table
+        'hsv_table': torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0],
+                                   [0, 1, 2]], device=device),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -810,6 +870,10 @@ class Runtime:
             raise SetupError('--device cuda: no CUDA device is visible to this torch build')
         if amp and device == 'cpu':
             raise SetupError('--amp needs an NPU or CUDA device; on CPU run in fp32 (drop --amp)')
+        if amp and amp_dtype == 'bf16' and not getattr(torch, device).is_bf16_supported():
+            # Autocast would warn and run in fp32, or fail at the first forward pass.
+            raise SetupError(f'--amp-dtype bf16: this {device} device has no bfloat16 support '
+                             f'(Atlas training NPUs, GPUs before Ampere); use --amp-dtype fp16')
         index = self.local_rank
         if device_list:
             try:
@@ -827,6 +891,8 @@ class Runtime:
             getattr(torch, device).set_device(index)     # before init_process_group
             self.device = torch.device(device, index)
         self.type = device
+        if device == 'cuda':
+            torch.backends.cudnn.benchmark = True    # fixed crop sizes, as the reference sets it
         self.backend = {'npu': 'hccl', 'cuda': 'nccl', 'cpu': 'gloo'}[device]
         self.distributed = self.world_size > 1
         if self.distributed:
@@ -845,18 +911,62 @@ class Runtime:
             return torch.autocast(self.type, enabled=False)
         return torch.autocast(self.type, dtype=self.amp_dtype)
 
+    def loss_scaling(self, loss_scale=-1.0):
+        """How fp16 losses are scaled: 'off' (fp32, bf16), 'dynamic' (an overflow skips the step
+        and halves the scale), or 'static' (NPU with a fixed --loss-scale: torch_npu's static
+        scale checks nothing, so train.py checks the weights itself)."""
+        if self.amp_dtype != torch.float16:
+            return 'off'
+        return 'static' if self.type == 'npu' and loss_scale > 0 else 'dynamic'
+
     def grad_scaler(self, loss_scale=-1.0):
         """The fp16 GradScaler (disabled in fp32 and bf16). -1: dynamic. A number: start there
         and never grow; halve on overflow (on NPU: a true static scale, as apex's was)."""
-        enabled = self.amp_dtype == torch.float16
+        mode = self.loss_scaling(loss_scale)
         kwargs = {} if loss_scale <= 0 else dict(init_scale=loss_scale, growth_interval=2 ** 30)
         if self.type == 'npu':
-            if enabled and loss_scale > 0:
+            if mode == 'static':
                 return torch.npu.amp.GradScaler(init_scale=loss_scale, dynamic=False)
-            return torch.npu.amp.GradScaler(enabled=enabled, **kwargs)
+            return torch.npu.amp.GradScaler(enabled=mode != 'off', **kwargs)
         if hasattr(torch.amp, 'GradScaler'):                           # torch >= 2.3
-            return torch.amp.GradScaler(self.type, enabled=enabled, **kwargs)
-        return torch.cuda.amp.GradScaler(enabled=enabled, **kwargs)
+            return torch.amp.GradScaler(self.type, enabled=mode != 'off', **kwargs)
+        return torch.cuda.amp.GradScaler(enabled=mode != 'off', **kwargs)
+
+    def load_grad_scaler(self, scaler, state, loss_scale=-1.0):
+        """Continue a checkpoint's loss scale if it was saved in this run's mode; None if so,
+        else the reason the scaler starts fresh (a resume in another precision or mode)."""
+        saved = 'off' if not state else 'static' if state.get('dynamic') is False else 'dynamic'
+        mode = self.loss_scaling(loss_scale)
+        if saved == mode:
+            if mode != 'off':       # torch_npu's scaler also wants its 'dynamic' flag
+                scaler.load_state_dict(dict(state, dynamic=mode == 'dynamic'))
+            return None
+        return (f'the checkpoint\'s loss scaling was {saved}, this run\'s is {mode} '
+                f'({self.precision}): starting with a fresh loss scale')
+
+    def sgd(self, parameters, **kwargs):
+        """torch.optim.SGD, fused into one kernel on CUDA where this torch has it (not 2.1-2.2):
+        faster, and under a GradScaler it needs no host sync (the unfused step reads the
+        overflow flag on the host). NPU has no fused kernel; CPU keeps the default."""
+        if self.type == 'cuda' and 'fused' in inspect.signature(torch.optim.SGD).parameters:
+            kwargs['fused'] = True
+        return torch.optim.SGD(parameters, **kwargs)
+
+    def loader_options(self):
+        """DataLoader arguments that pin batches on an accelerator, so that copies to it do not
+        block. Before torch.accelerator (2.6) the DataLoader pins for CUDA only unless told the
+        device; without pinning torch_npu even synchronises the stream at each copy."""
+        if self.type == 'cpu':
+            return {'pin_memory': False}
+        if self.type == 'npu' and not hasattr(torch, 'accelerator'):
+            return {'pin_memory': True, 'pin_memory_device': 'npu'}
+        return {'pin_memory': True}
+
+    def forbid_syncs(self, forbid=True):
+        """CUDA: make any host-device sync an error while forbidden (torch's sync debug mode);
+        elsewhere a no-op. train.py --sync-debug checks its step with it."""
+        if self.type == 'cuda':
+            torch.cuda.set_sync_debug_mode('error' if forbid else 'default')
 
     def synchronize(self):
         if self.type != 'cpu':
@@ -927,13 +1037,15 @@ if __name__ == '__main__':
     parser = argparse.ArgumentParser(description='BiSeNetV1 self-check and data benchmark')
     parser.add_argument('--bench-data', metavar='ROOT', help='time the training data pipeline '
                         'on a Cityscapes-layout folder (e.g. data/cityscapes)')
-    parser.add_argument('--crop-size', type=int, nargs=2, default=(1024, 1024), metavar=('H', 'W'))
+    parser.add_argument('--crop-size', type=int, nargs='+', default=[1024], metavar='S',
+                        help='training crop: S (S x S) or H W')
     parser.add_argument('--count', type=int, default=20, help='images to time')
     args = parser.parse_args()
     if args.bench_data:
         try:
-            benchmark_data(args.bench_data, crop_size=args.crop_size, count=args.count)
-        except DatasetError as e:
+            benchmark_data(args.bench_data, crop_size=parse_crop_size(args.crop_size),
+                           count=args.count)
+        except (DatasetError, SetupError) as e:
             raise SystemExit(f'error: {e}')
     else:
         self_check()
