@@ -22,12 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+import bisenet  # first: it checks that this torch can run next to this NumPy before torch loads
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-import bisenet
 
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)     # the reference's multi-scale test
 SLIDE_WINDOW, SLIDE_STRIDE = (1024, 1024), (768, 768)
@@ -178,7 +177,7 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
     num_classes = model.num_classes
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=1, sampler=shard(len(dataset), runtime), num_workers=workers,
-        pin_memory=runtime.type != 'cpu')
+        **runtime.loader_options())
     total = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
     start, last_log = time.time(), 0.0
     for step, (index, (image, label)) in enumerate(zip(loader.sampler, loader)):
@@ -329,6 +328,15 @@ def main(argv=None):
             Path(args.json).write_text(json.dumps(result, indent=2) + '\n')
     except (bisenet.CheckpointError, bisenet.DatasetError, bisenet.SetupError) as e:
         sys.exit(f'error: {bisenet.one_line(e)}')
+    except Exception as e:
+        # torch.compile compiles at the first call, so its failures (no working compiler or
+        # Triton, a backend bug) surface here rather than in prepare_for_inference.
+        if args.compile and type(e).__module__.startswith(('torch._dynamo', 'torch._inductor')):
+            cause = getattr(e, 'inner_exception', None) or e
+            sys.exit(f'error: --compile failed at the first image ({type(cause).__name__}: '
+                     f'{str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""}); '
+                     f'drop --compile')
+        raise
     finally:
         if runtime is not None:
             runtime.close()

@@ -24,16 +24,16 @@ import sys
 import time
 from pathlib import Path
 
+import bisenet  # first: it checks that this torch can run next to this NumPy before torch loads
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import bisenet
 from eval import evaluate, format_table, make_profiler
 
 # What --demo changes, unless given on the command line: a CPU-sized schedule.
-DEMO_DEFAULTS = dict(iters=300, batch_size=8, crop_size=(128, 128), workers=2, log_interval=25,
+DEMO_DEFAULTS = dict(iters=300, batch_size=8, crop_size=[128], workers=2, log_interval=25,
                      val_interval=300, ckpt_interval=300, work_dir='output/demo')
 
 
@@ -48,8 +48,8 @@ def get_args_parser():
     parser.add_argument('--iters', type=int, default=160000, help='training iterations')
     parser.add_argument('--batch-size', type=int, default=4,
                         help='images per device per iteration (reference: 4 devices x 4)')
-    parser.add_argument('--crop-size', type=int, nargs=2, default=(1024, 1024),
-                        metavar=('H', 'W'), help='training crop')
+    parser.add_argument('--crop-size', type=int, nargs='+', default=[1024], metavar='S',
+                        help='training crop: S (S x S) or H W')
     parser.add_argument('--lr', type=float, default=0.025, help='peak learning rate (SGD)')
     parser.add_argument('--warmup-iters', '--warm_up_epochs', type=int, default=None,
                         help='linear warmup from 0.1 x lr; default 1000 scaled by --iters/160000')
@@ -82,6 +82,8 @@ def get_args_parser():
                         '(default 100 iters), no validation or checkpoints; ends "FPS: N"')
     parser.add_argument('--prof', action='store_true',
                         help='profile a few iterations, trace into WORK_DIR/prof, then stop')
+    parser.add_argument('--sync-debug', action='store_true', help='CUDA: fail at any host-device '
+                        'sync inside the training step (between log intervals)')
     parser.add_argument('--demo', action='store_true', help='CPU-sized run on a synthetic set')
     return parser
 
@@ -107,8 +109,7 @@ def check_args(args):
         if getattr(args, name) <= 0:
             raise bisenet.SetupError(f'--{name.replace("_", "-")} must be positive, '
                                      f'not {getattr(args, name)}')
-    if min(args.crop_size) <= 0:
-        raise bisenet.SetupError(f'--crop-size must be positive, not {args.crop_size}')
+    args.crop_size = bisenet.parse_crop_size(args.crop_size)
     if args.warmup_iters < 0 or args.workers < 0:
         raise bisenet.SetupError('--warmup-iters and --workers cannot be negative')
     if args.data_path is None and not args.demo:
@@ -116,6 +117,9 @@ def check_args(args):
     if args.resume_from and args.resume_from != 'auto' and not Path(args.resume_from).is_file():
         raise bisenet.SetupError(f'--resume-from {args.resume_from} does not exist; give an '
                                  f'existing checkpoint or "auto"')
+    if args.sync_debug and args.perf:
+        raise bisenet.SetupError('--sync-debug and --perf exclude each other: the performance '
+                                 'timer syncs with the device')
     if args.resume_from and args.load_from:
         raise bisenet.SetupError('--resume-from and --load-from exclude each other: resume '
                                  'continues a run, load-from starts one from weights')
@@ -147,6 +151,21 @@ def criterion(outputs, label):
                                reduction='sum')
         losses.append(loss / label.numel())
     return losses
+
+
+def divergence(nonfinite_steps, weights_finite, loss_scaling, scale):
+    """Why training cannot go on, or None, from what the iterations since the last check saw:
+    how many had a non-finite loss, whether the weights are still finite, the loss scaling
+    (Runtime.loss_scaling) and the fp16 loss scale now."""
+    if not weights_finite:
+        return 'the weights are no longer finite'
+    if loss_scaling == 'dynamic':
+        # An overflow skips its step and halves the scale: below 1, nearly every step overflows.
+        return f'the fp16 loss scale fell to {scale:g}: gradients overflow at every step' \
+            if scale < 1 else None
+    if nonfinite_steps:
+        return f'the loss was not finite in {nonfinite_steps} iteration(s)'
+    return None
 
 
 def save_checkpoint(state, path):
@@ -212,8 +231,9 @@ def train(args, runtime, stop):
         context_path = model.backbone.context_path
         context_path.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(context_path.backbone)
     model = model.to(runtime.device, memory_format=runtime.train_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    optimizer = runtime.sgd(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scaler = runtime.grad_scaler(args.loss_scale)
+    loss_scaling = runtime.loss_scaling(args.loss_scale)
 
     # -- resume ------------------------------------------------------------------------------
     start_iter, best_miou = 0, -1.0
@@ -229,8 +249,14 @@ def train(args, runtime, stop):
             raise bisenet.CheckpointError(f'{resume} is not a train.py checkpoint to resume '
                                           f'(use --load-from for weights only)')
         bisenet.load_state_dict(model, ckpt['model'], source=str(resume))
+        kernels = [{k: g[k] for k in ('foreach', 'fused') if k in g}
+                   for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
+        for group, own in zip(optimizer.param_groups, kernels):
+            group.update(own)           # this device's SGD kernel, not the one that saved it
+        fresh_scaler = runtime.load_grad_scaler(scaler, ckpt.get('scaler'), args.loss_scale)
+        if fresh_scaler:
+            log(fresh_scaler)
         start_iter, best_miou = ckpt['iteration'], ckpt.get('best_miou', -1.0)
         log(f'resumed from {resume} at iteration {start_iter}')
 
@@ -243,8 +269,8 @@ def train(args, runtime, stop):
                                       runtime.world_size, start=start_iter * args.batch_size)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        pin_memory=runtime.type != 'cpu', drop_last=True,   # static shapes (NPU)
-        persistent_workers=args.workers > 0)
+        drop_last=True, persistent_workers=args.workers > 0,   # drop_last: static shapes (NPU)
+        **runtime.loader_options())
 
     global_batch = args.batch_size * runtime.world_size
     log(f'BiSeNetV1 {args.backbone} on {runtime.device} x {runtime.world_size} process(es) '
@@ -274,9 +300,20 @@ def train(args, runtime, stop):
     perf_start = None
 
     # -- the loop ----------------------------------------------------------------------------
+    # An iteration never waits for the device, so the host can queue the next one: the losses
+    # add up on the device, and the host reads them, checks the run's health and looks for a
+    # stop signal only at a sync point (an iteration that logs, validates or saves; the same
+    # iterations on every rank).
+    def new_window():
+        return {'time': time.time(), 'data': 0.0, 'count': 0, 'first': iteration + 1,
+                'losses': torch.zeros(3, device=runtime.device),
+                'nonfinite': torch.zeros((), dtype=torch.int64, device=runtime.device)}
+
+    if args.sync_debug and runtime.type != 'cuda':
+        log('note: --sync-debug checks CUDA devices only')
     model.train()
     iteration, batches = start_iter, iter(loader)
-    window = {'time': time.time(), 'data': 0.0, 'losses': torch.zeros(3), 'count': 0}
+    window = new_window()
     while iteration < args.iters:
         data_start = time.time()
         images, labels, params = next(batches)
@@ -294,52 +331,75 @@ def train(args, runtime, stop):
                               .generate_state(1)[0]))
         with runtime.autocast():
             outputs = ddp_model(images)
-        losses = criterion(outputs, labels)
-        loss = sum(losses)
+        losses = torch.stack(criterion(outputs, labels))
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(losses.sum()).backward()
         scaler.step(optimizer)
         scaler.update()
-        losses = torch.stack(losses).detach().float().cpu()
-        if not torch.isfinite(losses).all() and not scaler.is_enabled():
-            raise bisenet.SetupError(f'loss is {losses.sum().item()} at iteration {iteration}: '
-                                     f'training diverged; lower --lr or check the data')
-        iteration += 1
-        window['losses'] += losses
+        # A non-finite loss is counted, not added: under a dynamic loss scale it is a skipped step.
+        finite = losses.detach().isfinite().all()
+        window['losses'] += torch.where(finite, losses.detach(), torch.zeros_like(losses))
+        window['nonfinite'] += ~finite
         window['count'] += 1
+        iteration += 1
         if profiler is not None:
             profiler.step()
-            if iteration - start_iter >= 7:
+            if iteration - start_iter >= 7:     # the schedule skips one step and warms up one
                 profiler.stop()
-                log(f'profile of iterations {start_iter + 2}-{iteration} written to '
+                log(f'profile of iterations {start_iter + 3}-{iteration} written to '
                     f'{work_dir / "prof"}')
                 return
         if iteration - start_iter == perf_warmup:
             runtime.synchronize()
             perf_start = time.time()
 
-        if iteration % args.log_interval == 0 or iteration == args.iters:
-            runtime.synchronize()
+        log_due = iteration % args.log_interval == 0 or iteration == args.iters
+        val_due = validate and (iteration % args.val_interval == 0 or iteration == args.iters)
+        save_due = not args.perf and (iteration % args.ckpt_interval == 0
+                                      or iteration == args.iters)
+        if not (log_due or val_due or save_due):
+            continue
+
+        # -- a sync point: health first, so that no checkpoint ever holds a diverged run -------
+        runtime.forbid_syncs(False)
+        weights_finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+        stopping = torch.tensor(int(stop['signal'] is not None), device=runtime.device)
+        status = torch.stack([window['nonfinite'], (~weights_finite).long(), stopping])
+        nonfinite, broken_weights, stopping = runtime.all_reduce(status).tolist()
+        scale = scaler.get_scale() if loss_scaling == 'dynamic' else None
+        why = divergence(nonfinite, not broken_weights, loss_scaling, scale)
+        if why:
+            hint = ' or --loss-scale' if loss_scaling == 'static' else ''
+            raise bisenet.SetupError(f'training diverged between iterations {window["first"]} and '
+                                     f'{iteration}: {why}; lower --lr{hint} and resume from the '
+                                     f'last checkpoint')
+
+        if log_due:
             elapsed = time.time() - window['time']
             step_time = elapsed / window['count']
-            head_losses = (window['losses'] / window['count']).tolist()
+            skipped = int(window['nonfinite'])
+            head_losses = (window['losses'] / max(window['count'] - skipped, 1)).tolist()
             record = {'iter': iteration, 'lr': lr, 'loss': sum(head_losses),
                       'loss_decode': head_losses[0], 'loss_aux8': head_losses[1],
                       'loss_aux16': head_losses[2], 'data_time': window['data'] / window['count'],
                       'step_time': step_time, 'images_per_s': global_batch / step_time,
                       'eta_s': step_time * (args.iters - iteration),
                       'memory_gb': runtime.max_memory_gb()}
+            scaling = ''
+            if scale is not None:
+                record.update(loss_scale=scale, skipped_steps=skipped)
+                scaling = f'  scale {scale:g}' + (f' ({skipped} skipped)' if skipped else '')
             log(f'iter {iteration}/{args.iters}  lr {lr:.3e}  loss {record["loss"]:.4f} '
                 f'(decode {head_losses[0]:.4f} aux8 {head_losses[1]:.4f} aux16 '
                 f'{head_losses[2]:.4f})  data {record["data_time"]:.3f}s  step {step_time:.3f}s  '
                 f'{record["images_per_s"]:.1f} img/s  ETA {format_eta(record["eta_s"])}  '
-                f'mem {record["memory_gb"]:.2f} GB')
+                f'mem {record["memory_gb"]:.2f} GB{scaling}')
             if metrics_file:
                 metrics_file.write(json.dumps(record) + '\n')
                 metrics_file.flush()
-            window = {'time': time.time(), 'data': 0.0, 'losses': torch.zeros(3), 'count': 0}
+            window = new_window()
 
-        if validate and (iteration % args.val_interval == 0 or iteration == args.iters):
+        if val_due:
             show_dir = work_dir / 'demo_predictions' if args.demo and iteration == args.iters \
                 else None                       # the demo's colour pictures, at its end
             metrics = evaluate(model, val_set, runtime, show_dir=show_dir,
@@ -353,16 +413,14 @@ def train(args, runtime, stop):
                 best_miou = metrics['mIoU']
                 checkpoint(iteration, ['best.pth'])
                 log(f'best mIoU {best_miou:.2f} at iteration {iteration}: saved best.pth')
-        if not args.perf and (iteration % args.ckpt_interval == 0 or iteration == args.iters):
+        if save_due:
             checkpoint(iteration, [f'iter_{iteration}.pth', 'latest.pth'])
-
-        stop_now = torch.tensor([stop['signal'] is not None], dtype=torch.int32,
-                                device=runtime.device)
-        if runtime.all_reduce(stop_now).item() and iteration < args.iters:
+        if stopping and iteration < args.iters:
             checkpoint(iteration, ['latest.pth'])
             log(f'stopped by signal at iteration {iteration}: saved latest.pth; continue '
                 f'with --resume-from auto')
             return
+        runtime.forbid_syncs(args.sync_debug)
 
     if args.perf and perf_start is not None:
         runtime.synchronize()
