@@ -17,12 +17,15 @@ synthetic Cityscapes-layout set for demos and tests. One file, so the two script
 
     python bisenet.py                 # self-check: parameter counts and output shapes
     python bisenet.py --bench-data ROOT   # data-loading cost per image against a bare decode
+    python bisenet.py --bench-data ROOT --cache-dir DIR   # ... and with a warm decoded cache
 """
 import argparse
 import functools
 import inspect
+import json
 import os
 import re
+import shutil
 import time
 import warnings
 import zipfile
@@ -465,9 +468,12 @@ class Cityscapes(torch.utils.data.Dataset):
     Without a transform an item is (RGB uint8 array (H, W, 3), train-id uint8 array (H, W)).
     With one it is transform(image, label, rng); the key may be an int, or (index, rng_key) from
     InfiniteSampler so that the sample's randomness is fixed by its place in the stream.
+    With cache_dir, each sample is decoded once into a DecodedCache there (CACHE_DIR/SPLIT) and
+    memory-mapped after; the transforms give the same samples either way. `cache_note` says
+    where the cache is and how large, or why it is not used (too little free space).
     """
 
-    def __init__(self, root, split='train', transform=None):
+    def __init__(self, root, split='train', transform=None, cache_dir=None):
         root = Path(root)
         image_dir, label_dir = root / 'leftImg8bit' / split, root / 'gtFine' / split
         if not root.is_dir():
@@ -490,12 +496,52 @@ class Cityscapes(torch.utils.data.Dataset):
         if not self.samples:
             raise DatasetError(f'no *_leftImg8bit.png images under {image_dir}')
         self.image_dir, self.transform = image_dir, transform
+        self.cache, self.cache_note = None, None
+        if cache_dir is not None:
+            self.cache = DecodedCache(make_dir(Path(cache_dir) / split, '--cache-dir'))
+            self.cache_note = self.size_cache()
 
     def __len__(self):
         return len(self.samples)
 
+    def size_cache(self):
+        """Check that the cache fits on its disk (if not, go without it) and say how large."""
+        total = missing = 0
+        for index, (image_path, label_path, _) in enumerate(self.samples):
+            entry = self.cache.read(self.name(index), image_path, label_path)
+            if entry is None:
+                try:
+                    width, height = Image.open(image_path).size      # reads the header only
+                except (OSError, SyntaxError, ValueError) as e:
+                    raise DatasetError(f'cannot read {image_path}: {e}') from None
+                size = DecodedCache.HEADER + height * width * 4
+                missing += size
+            else:
+                size = DecodedCache.HEADER + entry[1].size * 4
+            total += size
+        folder, free = self.cache.folder, shutil.disk_usage(self.cache.folder).free
+        if missing > free - 2 ** 30:                      # leave the disk a GiB of room
+            self.cache = None
+            return (f'decoded-data cache {folder}: {missing / 1e9:.1f} GB more are needed but '
+                    f'{free / 1e9:.1f} GB are free: going without the cache')
+        return (f'decoded-data cache {folder}: {len(self.samples)} images, {total / 1e9:.1f} GB '
+                f'({missing / 1e9:.1f} GB still to write, as each image is first used)')
+
     def load(self, index):
-        """The PIL image (RGB) and label (train ids, mode L) of sample `index`."""
+        """The RGB image and train-id label of sample `index`: views of its memory-mapped cache
+        entry (H, W, 3) and (H, W), which the transforms read region by region; without a cache,
+        PIL images (RGB, L) as decoded."""
+        if self.cache is None:
+            return self.decode(index)
+        image_path, label_path, _ = self.samples[index]
+        name = self.name(index)
+        entry = self.cache.read(name, image_path, label_path)
+        if entry is None:
+            entry = self.cache.write(name, *self.decode(index), image_path, label_path)
+        return entry
+
+    def decode(self, index):
+        """The PIL image (RGB) and label (train ids, mode L) of sample `index`, from its files."""
         image_path, label_path, raw = self.samples[index]
         try:
             image = Image.open(image_path)
@@ -518,13 +564,83 @@ class Cityscapes(torch.utils.data.Dataset):
         index, rng_key = key if isinstance(key, tuple) else (key, None)
         image, label = self.load(index)
         if self.transform is None:
-            return np.asarray(image), np.asarray(label)
+            return np.array(image), np.array(label)
         return self.transform(image, label, np.random.default_rng(rng_key))
 
     def name(self, index):
         """The image's path relative to leftImg8bit/SPLIT, without '_leftImg8bit.png'."""
         path = self.samples[index][0].relative_to(self.image_dir).as_posix()
         return path[:-len('_leftImg8bit.png')]
+
+
+class DecodedCache:
+    """Decode each image once: a sample's RGB pixels (H, W, 3) and train ids (H, W), uint8, in a
+    file of its own under FOLDER, written on first use and memory-mapped after, so that a worker
+    reads only the rows its crop needs and the page cache serves every worker and every process
+    on the host.
+
+    An entry is written to a temporary file and renamed into place: workers and ranks can fill
+    the cache at once, and a kill leaves no half-written entry. Its 4 KiB header names the two
+    source files with their size and modification time; an entry whose sources changed, or whose
+    header or length is wrong (a truncated file), is rebuilt and never read as pixels.
+    """
+    HEADER = 4096          # a page: the pixels start page-aligned
+    MAGIC = b'BiSeNetV1 decoded sample v1\n'
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    def path(self, name):
+        return self.folder / f'{name}.rgbl'
+
+    @staticmethod
+    def sources(*paths):
+        """What an entry must have been decoded from: each path with its size and mtime."""
+        return [[str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+
+    def read(self, name, *source_paths):
+        """The entry's image and label as memory maps, or None if missing, stale or damaged."""
+        path = self.path(name)
+        try:
+            with open(path, 'rb') as f:
+                header = f.read(self.HEADER)
+            if not header.startswith(self.MAGIC):
+                return None
+            meta = json.loads(header[len(self.MAGIC):].rstrip(b' '))
+            height, width = meta['shape']
+            if (meta['sources'] != self.sources(*source_paths)
+                    or path.stat().st_size != self.HEADER + height * width * 4):
+                return None
+            pixels = np.memmap(path, np.uint8, 'r', offset=self.HEADER)
+            return self.split(pixels, height, width)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @staticmethod
+    def split(pixels, height, width):
+        """(image (H, W, 3), label (H, W)) of an entry's pixels: the image, then the label."""
+        return (pixels[:height * width * 3].reshape(height, width, 3),
+                pixels[height * width * 3:].reshape(height, width))
+
+    def write(self, name, image, label, *source_paths):
+        """Store one decoded sample (PIL images or arrays); returns it as read() does. A failed
+        write (a full disk) leaves no file behind and costs only the speed of this sample."""
+        image, label = np.asarray(image), np.asarray(label)
+        meta = {'shape': label.shape, 'sources': self.sources(*source_paths)}
+        header = self.MAGIC + json.dumps(meta).encode()
+        assert len(header) <= self.HEADER, 'source paths too long for the header'
+        path = self.path(name)
+        tmp = path.with_name(f'{path.name}.{os.getpid()}-{time.monotonic_ns()}.tmp')
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, 'wb') as f:
+                f.write(header.ljust(self.HEADER, b' '))
+                f.write(np.ascontiguousarray(image).data)
+                f.write(np.ascontiguousarray(label).data)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+        return image, label
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
@@ -562,7 +678,10 @@ def parse_crop_size(values):
 def accept_crop(label, cat_max_ratio=0.75):
     """The reference's crop rule: more than one class, and none (ignore aside) covering
     `cat_max_ratio` or more of the labelled pixels."""
-    counts = np.bincount(np.asarray(label).ravel(), minlength=256)[:IGNORE_INDEX]
+    if isinstance(label, Image.Image):
+        counts = np.array(label.histogram())[:IGNORE_INDEX]         # PIL's, without a copy
+    else:
+        counts = np.bincount(np.asarray(label).ravel(), minlength=256)[:IGNORE_INDEX]
     counts = counts[counts > 0]
     return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
@@ -578,7 +697,8 @@ class TrainTransform:
 
     Returns (image float32 (3, h, w) normalised, label int64 (h, w)); with on_device=True steps
     4-6 are left to distort_and_normalize() on the accelerator, batched, and it returns
-    (image uint8 (3, h, w), label, params): the sample's distortion parameters, drawn here.
+    (image uint8 (3, h, w), label uint8 (h, w), params): the sample's distortion parameters,
+    drawn here. uint8 labels are an eighth of the bytes to pin and copy; .long() on the device.
     """
 
     def __init__(self, crop_size=(1024, 1024), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
@@ -587,7 +707,7 @@ class TrainTransform:
         self.cat_max_ratio, self.on_device = cat_max_ratio, on_device
 
     def __call__(self, image, label, rng):
-        w, h = image.size
+        w, h = image_size(image)
         ratio = rng.uniform(*self.ratio_range)
         scaled_w, scaled_h = int(w * ratio + 0.5), int(h * ratio + 0.5)
         crop_h, crop_w = self.crop_size
@@ -597,18 +717,8 @@ class TrainTransform:
             x = rng.integers(0, max(scaled_w - crop_w, 0) + 1)
             return x, y, min(x + crop_w, scaled_w), min(y + crop_h, scaled_h)
 
-        def resize_crop(img, box, resample):   # = rescale the whole image, then crop `box`
-            x1, y1, x2, y2 = box
-            sx, sy = w / scaled_w, h / scaled_h
-            if resample == Image.NEAREST:      # cv2's nearest samples at floor(x * scale)
-                return img.transform((x2 - x1, y2 - y1), Image.AFFINE,
-                                     (sx, 0, (x1 - 0.5) * sx, 0, sy, (y1 - 0.5) * sy), resample)
-            if ratio < 1:   # PIL's resize antialiases when shrinking, cv2 (the reference) does
-                # not: an affine transform samples 2 x 2 pixels exactly as cv2's bilinear does.
-                return img.transform((x2 - x1, y2 - y1), Image.AFFINE,
-                                     (sx, 0, x1 * sx, 0, sy, y1 * sy), resample)
-            return img.resize((x2 - x1, y2 - y1), resample,   # equal to cv2 here, and faster
-                              box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy))
+        def resize_crop(img, box, resample):
+            return rescale_crop(img, (w, h), (scaled_w, scaled_h), box, resample)
 
         box = random_box()
         label_crop = resize_crop(label, box, Image.NEAREST)
@@ -627,34 +737,78 @@ class TrainTransform:
         if self.on_device:
             return image, label, params
         params = {k: torch.as_tensor(v)[None] for k, v in params.items()}
-        return distort_and_normalize(image[None], params)[0], label
+        return distort_and_normalize(image[None], params)[0], label.long()
+
+
+def rescale_crop(image, size, scaled_size, box, resample):
+    """Rescale `image` (PIL or array) from `size` (w, h) to `scaled_size` as cv2.resize does, then
+    crop `box` (x1, y1, x2, y2) of the result (the whole box: the whole rescaled image). Only the
+    source pixels the crop samples are read (plus the filters' reach of two), the same way from
+    a decoded image and from a memory-mapped cache entry; a PIL image comes back."""
+    (w, h), (scaled_w, scaled_h), (x1, y1, x2, y2) = size, scaled_size, box
+    sx, sy = w / scaled_w, h / scaled_h
+    left, top = max(int(x1 * sx) - 2, 0), max(int(y1 * sy) - 2, 0)
+    image = region(image, (left, top, min(int(x2 * sx) + 3, w), min(int(y2 * sy) + 3, h)))
+    if resample == Image.NEAREST:      # cv2's nearest samples at floor(x * scale)
+        return image.transform((x2 - x1, y2 - y1), Image.AFFINE,
+                               (sx, 0, (x1 - 0.5) * sx - left, 0, sy, (y1 - 0.5) * sy - top),
+                               resample)
+    if scaled_w < w:    # PIL's resize antialiases when shrinking, cv2 (the reference) does not:
+        # an affine transform samples 2 x 2 pixels exactly as cv2's bilinear does.
+        return image.transform((x2 - x1, y2 - y1), Image.AFFINE,
+                               (sx, 0, x1 * sx - left, 0, sy, y1 * sy - top), resample)
+    return image.resize((x2 - x1, y2 - y1), resample,   # equal to cv2 here, and faster
+                        box=(x1 * sx - left, y1 * sy - top, x2 * sx - left, y2 * sy - top))
 
 
 class EvalTransform:
     """The whole image, normalised (float32 (3, H, W)), and its label (int64 (H, W)); with
-    on_device=True the image stays uint8 for normalize() on the accelerator."""
+    on_device=True both stay uint8 for normalize() and .long() on the accelerator."""
 
     def __init__(self, on_device=False):
         self.on_device = on_device
 
     def __call__(self, image, label, rng=None):
-        image, label = pad_to(image, label, (image.height, image.width))
-        return (image if self.on_device else normalize(image[None])[0]), label
+        width, height = image_size(image)
+        image, label = pad_to(image, label, (height, width))
+        if self.on_device:
+            return image, label
+        return normalize(image[None])[0], label.long()
+
+
+def image_size(image):
+    """(width, height) of a PIL image or of an (H, W[, C]) array, as PIL's .size gives it."""
+    return image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+
+
+def region(image, box):
+    """The pixels (x1, y1, x2, y2) of a PIL image or of a (memory-mapped) array, as a PIL
+    image; from an array only those rows and columns are read."""
+    if isinstance(image, Image.Image):
+        return image.crop(box)
+    x1, y1, x2, y2 = box
+    return Image.fromarray(np.ascontiguousarray(image[y1:y2, x1:x2]))
 
 
 def pad_to(image, label, size):
-    """PIL image and label -> uint8 (3, h, w) and int64 (h, w) tensors, padded bottom-right
-    to `size` with 0 and 255 (the reference pads after normalising, so 0 there is 0 after)."""
-    h, w = size
-    image_out = torch.zeros(3, h, w, dtype=torch.uint8)
-    label_out = torch.full((h, w), IGNORE_INDEX, dtype=torch.int64)
-    image_out[:, :image.height, :image.width] = from_pil(image).permute(2, 0, 1)
-    label_out[:label.height, :label.width] = from_pil(label)
+    """Image and label (PIL or arrays) -> uint8 (3, h, w) and uint8 (h, w) tensors, padded
+    bottom-right to `size` with 0 and 255 (the reference pads after normalising, so 0 there
+    is 0 after)."""
+    image, label = pixels(image).permute(2, 0, 1), pixels(label)
+    if tuple(label.shape) == tuple(size):
+        return image, label
+    image_out = torch.zeros(3, *size, dtype=torch.uint8)
+    label_out = torch.full(size, IGNORE_INDEX, dtype=torch.uint8)
+    image_out[:, :image.shape[1], :image.shape[2]] = image
+    label_out[:label.shape[0], :label.shape[1]] = label
     return image_out, label_out
 
 
-def from_pil(image):
-    """A PIL image's pixels as a uint8 tensor, with one copy (np.asarray's is read-only)."""
+def pixels(image):
+    """The pixels of a PIL image or an array as a uint8 tensor, with one copy (np.asarray's
+    is read-only, and a memory map's belongs to the file)."""
+    if not isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(image))
     array = np.frombuffer(bytearray(image.tobytes()), np.uint8)
     return torch.from_numpy(array).view(image.height, image.width, -1).squeeze(2)
 
@@ -835,6 +989,15 @@ def make_dir(path, flag):
     return Path(path)
 
 
+def cpu_has_bf16():
+    """Whether oneDNN runs bfloat16 on this CPU (AVX512-BF16, AMX, Arm BF16; also AVX-512
+    cores, which convert)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def import_torch_npu():
     """Import torch_npu if it is installed and loads; None otherwise. Never a requirement:
     installed without the CANN toolkit, it fails to load (and so would a plain import)."""
@@ -868,9 +1031,14 @@ class Runtime:
                              'torch-npu matching torch and source CANN set_env.sh)')
         if device == 'cuda' and not torch.cuda.is_available():
             raise SetupError('--device cuda: no CUDA device is visible to this torch build')
-        if amp and device == 'cpu':
-            raise SetupError('--amp needs an NPU or CUDA device; on CPU run in fp32 (drop --amp)')
-        if amp and amp_dtype == 'bf16' and not getattr(torch, device).is_bf16_supported():
+        if amp and device == 'cpu' and amp_dtype == 'fp16':
+            raise SetupError('--amp on CPU runs in bf16 only (fp16 autocast is slow there): add '
+                             '--amp-dtype bf16 on a CPU with bf16 units, or drop --amp')
+        if amp and device == 'cpu' and not cpu_has_bf16():
+            raise SetupError('--amp-dtype bf16: this CPU has no bfloat16 units (AVX512-BF16, '
+                             'AMX or Arm BF16); run in fp32 (drop --amp)')
+        if amp and device != 'cpu' and amp_dtype == 'bf16' \
+                and not getattr(torch, device).is_bf16_supported():
             # Autocast would warn and run in fp32, or fail at the first forward pass.
             raise SetupError(f'--amp-dtype bf16: this {device} device has no bfloat16 support '
                              f'(Atlas training NPUs, GPUs before Ampere); use --amp-dtype fp16')
@@ -998,25 +1166,35 @@ class Runtime:
 # ----------------------------------------------------------------------------------------------
 
 
-def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20):
-    """Per-image cost of a DataLoader worker (one thread) against a bare decode of the files."""
+def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_dir=None):
+    """Per-image cost of a DataLoader worker (one thread) against a bare decode of the files;
+    with cache_dir also the same worker reading a warm decoded-data cache, filled first."""
     torch.set_num_threads(1)
-    dataset = Cityscapes(root, split, TrainTransform(crop_size, on_device=True))
+    transform = TrainTransform(crop_size, on_device=True)
+    dataset = Cityscapes(root, split, transform)
     indices = [i % len(dataset) for i in range(count)]
-    dataset[(0, (0, 0))]                                         # warm-up
-    start = time.perf_counter()
-    for i in indices:
-        for path in dataset.samples[i][:2]:
-            Image.open(path).load()
-    decode = (time.perf_counter() - start) / count
-    start = time.perf_counter()
-    for position, i in enumerate(indices):
-        dataset[(i, (0, position))]
-    worker = (time.perf_counter() - start) / count
+
+    def per_image(work):
+        work(0, indices[0])                                      # warm-up
+        start = time.perf_counter()
+        for position, i in enumerate(indices):
+            work(position, i)
+        return (time.perf_counter() - start) / count
+
+    decode = per_image(lambda _, i: [Image.open(path).load() for path in dataset.samples[i][:2]])
+    worker = per_image(lambda position, i: dataset[(i, (0, position))])
     print(f'{count} images of {root}/{split}, crop {crop_size[0]}x{crop_size[1]}, one thread')
     print(f'bare PNG decode (image + label): {decode * 1e3:6.1f} ms per image')
     print(f'worker (read, decode, rescale, crop, flip, pad): {worker * 1e3:6.1f} ms per image '
           f'({worker / decode:.2f} x the decode)')
+    if cache_dir is not None:
+        cached = Cityscapes(root, split, transform, cache_dir)
+        print(cached.cache_note)
+        for i in sorted(set(indices)):                          # fill: decoded once, untimed
+            cached.load(i)
+        warm = per_image(lambda position, i: cached[(i, (0, position))])
+        print(f'worker with a warm cache: {warm * 1e3:6.1f} ms per image ({warm / worker:.2f} x '
+              f'the uncached worker, {warm / decode:.2f} x the decode)')
 
 
 def self_check():
@@ -1040,11 +1218,13 @@ if __name__ == '__main__':
     parser.add_argument('--crop-size', type=int, nargs='+', default=[1024], metavar='S',
                         help='training crop: S (S x S) or H W')
     parser.add_argument('--count', type=int, default=20, help='images to time')
+    parser.add_argument('--cache-dir', help='also time a worker reading a warm decoded-data '
+                        'cache in this folder (filled first)')
     args = parser.parse_args()
     if args.bench_data:
         try:
             benchmark_data(args.bench_data, crop_size=parse_crop_size(args.crop_size),
-                           count=args.count)
+                           count=args.count, cache_dir=args.cache_dir)
         except (DatasetError, SetupError) as e:
             raise SystemExit(f'error: {e}')
     else:

@@ -52,6 +52,8 @@ def get_args_parser():
     parser.add_argument('--compile', action='store_true',
                         help='torch.compile the fast path (compiles per input size first)')
     parser.add_argument('--workers', type=int, default=4, help='data loading processes')
+    parser.add_argument('--cache-dir', help='read images through a decoded-data cache here '
+                        '(train.py --cache-dir); filled on first use')
     parser.add_argument('--trust-pickle', action='store_true',
                         help='load a checkpoint that holds pickled objects (runs its code)')
     parser.add_argument('--prof_test', action='store_true',
@@ -182,7 +184,7 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
     start, last_log = time.time(), 0.0
     for step, (index, (image, label)) in enumerate(zip(loader.sampler, loader)):
         image = image.to(runtime.device, non_blocking=True)
-        label = label.to(runtime.device, non_blocking=True)
+        label = label.to(runtime.device, non_blocking=True).long()
         x = bisenet.normalize(image).contiguous(memory_format=runtime.inference_format)
         with runtime.autocast():
             scores = predict(model, x, num_classes, mode, aug_test)
@@ -303,7 +305,9 @@ def main(argv=None):
                 bisenet.make_dir(folder, flag)
         model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle)
         dataset = bisenet.Cityscapes(args.data_path, args.split,
-                                     bisenet.EvalTransform(on_device=True))
+                                     bisenet.EvalTransform(on_device=True), args.cache_dir)
+        if dataset.cache_note:
+            runtime.print0(dataset.cache_note)
         if args.prof_test:
             dataset = torch.utils.data.Subset(dataset, range(min(8, len(dataset))))
         runtime.print0(f'evaluating {args.ckpt} ({model.backbone_name}, {model.num_classes} '

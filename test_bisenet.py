@@ -6,6 +6,7 @@ The command-line tests run the scripts as users do (subprocesses, torchrun with 
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -368,6 +369,80 @@ def test_samples_are_the_same_with_any_worker_count_and_after_a_resume(data):
     assert [k for _, k in zip(range(8), other_seed)] != [k for _, k in zip(range(8), bisenet.InfiniteSampler(len(dataset), seed=3))]
 
 
+def cached_and_plain(data, cache_dir, transform):
+    return (bisenet.Cityscapes(data, 'train', transform, cache_dir=cache_dir),
+            bisenet.Cityscapes(data, 'train', transform))
+
+
+def assert_same_samples(a, b, positions=range(8)):
+    for position in positions:
+        key = (position % len(b), (7, position))
+        for x, y in zip(a[key], b[key]):
+            if isinstance(x, dict):
+                assert all(np.array_equal(x[k], y[k], equal_nan=True) for k in x), position
+            else:
+                assert torch.equal(x, y), position
+
+
+def test_cached_samples_are_bitwise_those_of_the_files(data, tmp_path):
+    for transform in (bisenet.TrainTransform((48, 80), ratio_range=(0.5, 2.0), on_device=True),
+                      bisenet.TrainTransform((64, 64)), bisenet.EvalTransform(on_device=True)):
+        cached, plain = cached_and_plain(data, tmp_path / 'cache', transform)
+        assert_same_samples(cached, plain)           # filling: decoded, written
+        assert_same_samples(cached, plain)           # warm: read from the memory maps
+    entries = sorted((tmp_path / 'cache' / 'train').rglob('*.rgbl'))
+    assert len(entries) == len(plain)
+    assert 'cache' in cached.cache_note and f'{len(plain)} images' in cached.cache_note
+    image, label = cached.load(0)
+    assert isinstance(image, np.memmap) and image.shape == (64, 128, 3) and label.shape == (64, 128)
+
+
+def test_a_truncated_entry_or_a_changed_source_is_rebuilt(data, tmp_path):
+    transform = bisenet.TrainTransform((64, 64), on_device=True)
+    cached, plain = cached_and_plain(data, tmp_path, transform)
+    assert_same_samples(cached, plain)
+    entry = cached.cache.path(cached.name(0))
+    entry.write_bytes(entry.read_bytes()[:-100])                       # truncated
+    assert cached.cache.read(cached.name(0), *cached.samples[0][:2]) is None
+    assert_same_samples(cached, plain, positions=[0])
+    assert entry.stat().st_size == 4096 + 64 * 128 * 4                  # rebuilt whole
+    entry.write_bytes(b'garbage' * 100)                                  # not an entry at all
+    assert_same_samples(cached, plain, positions=[0])
+    # A new image under the same name (a different scene): the cache follows the file.
+    copy = tmp_path / 'copy'
+    shutil.copytree(data, copy)
+    cached, plain = cached_and_plain(copy, tmp_path / 'cache2', transform)
+    assert_same_samples(cached, plain, positions=[0])
+    image, _ = bisenet.synthetic_scene(np.random.default_rng(99), size=(128, 64))
+    Image.fromarray(image).save(plain.samples[0][0])
+    assert_same_samples(cached, plain, positions=[0])
+
+
+def test_two_processes_filling_one_cache_at_once(data, tmp_path):
+    script = ('import sys, bisenet\n'
+              'd = bisenet.Cityscapes(sys.argv[1], "train", cache_dir=sys.argv[2])\n'
+              'for r in range(3):\n'
+              '    for i in range(len(d)): d[i]\n')
+    processes = [subprocess.Popen([sys.executable, '-c', script, str(data), str(tmp_path)],
+                                  env=ENV, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for process in processes:
+        assert process.wait(timeout=120) == 0, process.stderr.read()
+    assert not list(tmp_path.rglob('*.tmp'))                            # no leftovers
+    transform = bisenet.TrainTransform((64, 64), on_device=True)
+    cached, plain = cached_and_plain(data, tmp_path, transform)
+    assert all(cached.cache.read(cached.name(i), *cached.samples[i][:2]) is not None
+               for i in range(len(cached)))
+    assert_same_samples(cached, plain)
+
+
+def test_too_little_disk_for_the_cache_goes_without_it(data, tmp_path, monkeypatch):
+    usage = bisenet.shutil.disk_usage(tmp_path)._replace(free=10 ** 6)
+    monkeypatch.setattr(bisenet.shutil, 'disk_usage', lambda path: usage)
+    dataset = bisenet.Cityscapes(data, 'train', cache_dir=tmp_path)
+    assert dataset.cache is None and 'going without the cache' in dataset.cache_note
+    assert np.array_equal(dataset[0][1], bisenet.Cityscapes(data, 'train')[0][1])
+
+
 def test_sampler_shards_the_stream_between_ranks():
     def take(rank, world, n=12):
         return [k for _, k in zip(range(n), bisenet.InfiniteSampler(10, 0, rank, world))]
@@ -616,6 +691,13 @@ def test_kill_then_auto_resume_and_sigterm(data, tmp_path):
                  '--work-dir', tmp_path, '--resume-from', 'auto')
     assert f'resumed from {tmp_path / "latest.pth"} at iteration {stopped}' in result.stdout
     assert torch.load(tmp_path / 'latest.pth', weights_only=True)['iteration'] == stopped + 2
+
+
+def test_train_with_a_cache_says_where_and_how_large(data, tmp_path):
+    result = run('train.py', *TINY, '--data-path', data, '--iters', 2, '--workers', 1,
+                 '--work-dir', tmp_path / 'run', '--cache-dir', tmp_path / 'cache')
+    assert f'decoded-data cache {tmp_path / "cache" / "train"}: 8 images, 0.0 GB' in result.stdout
+    assert len(list((tmp_path / 'cache').rglob('*.rgbl'))) >= 2
 
 
 def test_torchrun_two_processes(data, tmp_path):
