@@ -1,4 +1,5 @@
-"""Evaluate a BiSeNetV1 checkpoint on Cityscapes with the reference's metric.
+"""Evaluate a BiSeNetV1 checkpoint on Cityscapes with the reference's metric, segment your own
+images with it, or export it to ONNX.
 
 Works with this project's checkpoints and mmsegmentation's published ones; the backbone and the
 class count are read from the checkpoint.
@@ -7,26 +8,35 @@ class count are read from the checkpoint.
     python eval.py --ckpt CKPT --data-path ROOT --aug-test                       # ms + flip
     python eval.py --ckpt CKPT --data-path ROOT --out-dir results --show-dir vis --json m.json
     torchrun --nproc_per_node=8 eval.py --ckpt CKPT --data-path ROOT             # 8 devices
+    python eval.py --ckpt CKPT --images photos/ street.jpg 'more/*.png'          # your images
+    python eval.py --ckpt CKPT --export-onnx bisenet.onnx                        # deployment
     python eval.py --benchmark [--device cuda --amp]       # inference FPS at 1024 x 2048
+    python eval.py --benchmark --device cpu --amp --amp-dtype bf16               # CPU bf16
 
 --out-dir writes one PNG of Cityscapes labelIds per image (CITY/NAME_leftImg8bit.png), the
 format cityscapesscripts' evaluation and the benchmark server accept; --show-dir writes the
-prediction in the official colours over the image. train.py validates with evaluate() below.
+image, the prediction and the ground truth side by side (own images: the prediction in the
+official colours over the image). train.py validates with evaluate() below.
 """
 import argparse
 import copy
+import glob
+import inspect
 import json
+import os
 import shutil
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import bisenet  # first: it checks that this torch can run next to this NumPy before torch loads
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)     # the reference's multi-scale test
 SLIDE_WINDOW, SLIDE_STRIDE = (1024, 1024), (768, 768)
@@ -37,6 +47,12 @@ def get_args_parser():
     parser.add_argument('--ckpt', help='checkpoint: ours (train.py) or mmsegmentation\'s')
     parser.add_argument('--data-path', '--data_path', default='data/cityscapes',
                         help='Cityscapes root holding leftImg8bit/ and gtFine/')
+    parser.add_argument('--images', nargs='+', metavar='PATH', help='segment these PNG/JPEG '
+                        'files, folders (recursively) or globs instead; no labels needed')
+    parser.add_argument('--export-onnx', metavar='FILE', help='write the inference fast path as '
+                        'ONNX (uint8 RGB in, label map out) and check it with onnxruntime')
+    parser.add_argument('--onnx-logits', action='store_true',
+                        help='with --export-onnx: also output the logits')
     parser.add_argument('--split', default='val')
     parser.add_argument('--mode', choices=('whole', 'slide'), default='whole',
                         help='whole image (the reference) or sliding 1024 x 1024 windows')
@@ -92,7 +108,8 @@ def summarize(confusion_matrix):
                       torch.tensor(float('nan')))
     return {'mIoU': 100 * iou.nanmean().item(), 'mAcc': 100 * acc.nanmean().item(),
             'aAcc': 100 * (intersection.sum() / label_area.sum().clamp(min=1)).item(),
-            'IoU': (100 * iou).tolist(), 'Acc': (100 * acc).tolist()}
+            'IoU': (100 * iou).tolist(), 'Acc': (100 * acc).tolist(),
+            'pixels': int(label_area.sum())}
 
 
 def format_table(metrics, class_names):
@@ -181,7 +198,7 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
         dataset, batch_size=1, sampler=shard(len(dataset), runtime), num_workers=workers,
         **runtime.loader_options())
     total = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
-    start, last_log = time.time(), 0.0
+    progress = Progress('[eval]', len(dataset), runtime, log)
     for step, (index, (image, label)) in enumerate(zip(loader.sampler, loader)):
         image = image.to(runtime.device, non_blocking=True)
         label = label.to(runtime.device, non_blocking=True).long()
@@ -191,34 +208,250 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
         pred = scores.argmax(1)
         total += confusion(pred, label, num_classes)
         if out_dir or show_dir:
-            save_prediction(pred[0].cpu().numpy(), image[0], dataset.name(index), out_dir, show_dir)
+            name = dataset.name(index)
+            save_prediction(pred[0].cpu().numpy(), image[0], out_dir and f'{name}_leftImg8bit.png',
+                            show_dir and f'{name}.png', out_dir, show_dir, label[0].cpu().numpy())
         if profiler is not None:
             profiler.step()
-        done = (step + 1) * runtime.world_size
-        if time.time() - last_log > 10 or step + 1 == len(loader):
-            elapsed = time.time() - start
-            eta = elapsed / (step + 1) * (len(loader) - step - 1)
-            log(f'[eval] {min(done, len(dataset))}/{len(dataset)} images, '
-                f'{elapsed:.0f} s elapsed, ETA {eta:.0f} s')
-            last_log = time.time()
+        progress.step(step, len(loader))
     runtime.all_reduce(total)
     model.train(was_training)
     return summarize(total.cpu())
 
 
-def save_prediction(pred, image, name, out_dir, show_dir):
-    """labelIds PNG for the Cityscapes evaluation, and/or a colour picture over the image."""
+class Progress:
+    """'[what] done/total images, s elapsed, ETA s' every 10 s and at the end of a shard."""
+
+    def __init__(self, what, total, runtime, log):
+        self.what, self.total, self.world_size, self.log = what, total, runtime.world_size, log
+        self.start, self.last = time.time(), 0.0
+
+    def step(self, step, steps):
+        """After step `step` (0-based) of this process's `steps`."""
+        if time.time() - self.last > 10 or step + 1 == steps:
+            elapsed = time.time() - self.start
+            done = min((step + 1) * self.world_size, self.total)
+            self.log(f'{self.what} {done}/{self.total} images, {elapsed:.0f} s elapsed, '
+                     f'ETA {elapsed / (step + 1) * (steps - step - 1):.0f} s')
+            self.last = time.time()
+
+
+def colourize(train_ids):
+    """Train ids (H, W) in the official colours; ignored and unknown ids black."""
+    palette = np.zeros((256, 3), np.uint8)
+    palette[:len(bisenet.PALETTE)] = bisenet.PALETTE
+    return palette[train_ids]
+
+
+def save_prediction(pred, image, out_name, show_name, out_dir, show_dir, label=None):
+    """Cityscapes labelIds PNG OUT_DIR/out_name, and/or a picture SHOW_DIR/show_name: the image,
+    the prediction and the ground truth side by side when a label is given, else the
+    prediction in colour over the image. pred, label: (H, W) train ids; image uint8 (3, H, W)."""
     if out_dir:
-        path = Path(out_dir) / f'{name}_leftImg8bit.png'
+        path = Path(out_dir) / out_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.array(bisenet.LABEL_IDS, np.uint8)[pred]).save(path)
+        label_ids = np.zeros(256, np.uint8)
+        label_ids[:len(bisenet.LABEL_IDS)] = bisenet.LABEL_IDS
+        Image.fromarray(label_ids[pred]).save(path)
     if show_dir:
-        path = Path(show_dir) / f'{name}.png'
+        path = Path(show_dir) / show_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        palette = np.array(bisenet.PALETTE, np.uint8)
-        colours = palette[np.minimum(pred, len(palette) - 1)]
         rgb = image.permute(1, 2, 0).cpu().numpy()
-        Image.fromarray((0.5 * rgb + 0.5 * colours).astype(np.uint8)).save(path)
+        if label is None:
+            picture = (0.5 * rgb + 0.5 * colourize(pred)).astype(np.uint8)
+        else:
+            picture = np.concatenate([rgb, colourize(pred), colourize(label)], axis=1)
+        Image.fromarray(picture).save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Your own images: the reference's test pipeline on any PNG or JPEG
+# ----------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+TEST_SCALE = (2048, 1024)            # the reference's test Resize: fit, keeping the aspect ratio
+
+
+def fit_size(width, height, scale=TEST_SCALE):
+    """(w, h) of an image rescaled to fit `scale` keeping its aspect ratio, as mmcv's
+    rescale_size does: the long side to at most max(scale), the short one to min(scale)."""
+    factor = min(max(scale) / max(width, height), min(scale) / min(width, height))
+    return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
+def find_images(patterns):
+    """Files, folders (searched recursively for PNG and JPEG) and globs -> sorted unique paths."""
+    found = set()
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            matches = [p for p in path.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES]
+        elif path.is_file():
+            matches = [path]                        # named explicitly: tried whatever it is
+        else:
+            matches = [Path(p) for p in glob.glob(pattern, recursive=True)
+                       if Path(p).suffix.lower() in IMAGE_SUFFIXES]
+        matches = [p.resolve() for p in matches if p.is_file()]
+        if not matches:
+            raise bisenet.SetupError(f'--images {pattern}: no PNG or JPEG file there')
+        found.update(matches)
+    return sorted(found)
+
+
+def output_names(paths):
+    """A collision-free relative output name for each input: its path below the inputs' common
+    folder, with '.png' for the PNG it becomes (photo.jpg -> photo.jpg.png, a.png -> a.png)."""
+    root = Path(os.path.commonpath([p.parent for p in paths]))
+    names = []
+    for path in paths:
+        name = path.relative_to(root).as_posix()
+        names.append(name if path.suffix.lower() == '.png' else name + '.png')
+    return names
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images for inference, as the reference's test pipeline reads them: RGB (EXIF orientation
+    applied; greyscale, palette and RGBA converted), rescaled to fit 2048 x 1024 with cv2's
+    bilinear. An item is (image uint8 (3, H, W), rescaled uint8 (3, h, w), None), or
+    (None, None, the reason) for a file that cannot be read."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            image = Image.open(self.paths[index])
+            image = ImageOps.exif_transpose(image).convert('RGB')
+        except (OSError, SyntaxError, ValueError) as e:
+            return None, None, str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'
+        size = fit_size(*image.size)
+        rescaled = bisenet.rescale_crop(image, image.size, size, (0, 0) + size, Image.BILINEAR)
+        return (bisenet.pixels(image).permute(2, 0, 1), bisenet.pixels(rescaled).permute(2, 0, 1),
+                None)
+
+
+@torch.no_grad()
+def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=None,
+                   show_dir=None, workers=4, log=print):
+    """Segment image files in this process's shard: the rescaled image's scores go back to the
+    image's own size (bilinear) before the argmax, as the reference predicts. Writes label PNGs
+    and/or pictures; returns the files that could not be read."""
+    dataset, names = ImageFiles(paths), output_names(paths)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                         sampler=shard(len(dataset), runtime))
+    progress, failed = Progress('[images]', len(dataset), runtime, log), []
+    for step, (index, (image, rescaled, error)) in enumerate(zip(loader.sampler, loader)):
+        if error is not None:
+            print(f'skipped {paths[index]}: cannot read it ({error})', file=sys.stderr, flush=True)
+            failed.append(paths[index])
+            continue
+        x = bisenet.normalize(rescaled[None].to(runtime.device))
+        with runtime.autocast():
+            scores = predict(model, x.contiguous(memory_format=runtime.inference_format),
+                             model.num_classes, mode, aug_test)
+        scores = F.interpolate(scores.float(), size=image.shape[1:], mode='bilinear',
+                               align_corners=False)
+        save_prediction(scores.argmax(1)[0].cpu().numpy(), image, names[index], names[index],
+                        out_dir, show_dir)
+        progress.step(step, len(loader))
+    return failed
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: the fast path as ONNX, for onnxruntime, TensorRT and the like
+# ----------------------------------------------------------------------------------------------
+
+
+class Deployable(nn.Module):
+    """The exported interface: 'image' uint8 RGB (N, H, W, 3), any size, as images come from a
+    decoder -> 'labels' uint8 (N, H, W) train ids (0-18), and with logits=True also 'logits'
+    float32 (N, 19, H, W). Normalisation is inside; resizing to fit 2048 x 1024 is the
+    caller's, as it is eval.py's."""
+
+    def __init__(self, model, logits=False):
+        super().__init__()
+        self.model, self.logits = model, logits
+        self.register_buffer('mean', torch.tensor(bisenet.MEAN).view(1, 3, 1, 1))
+        self.register_buffer('std', torch.tensor(bisenet.STD).view(1, 3, 1, 1))
+
+    def forward(self, image):
+        logits = self.model((image.permute(0, 3, 1, 2).float() - self.mean) / self.std)
+        labels = logits.argmax(1).to(torch.uint8)
+        return (labels, logits) if self.logits else labels
+
+
+def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)), log=print):
+    """Write the fast path (BN folded) as ONNX (opset 17, dynamic batch, height and width),
+    atomically; then, where onnxruntime is installed, run both on random images of
+    `check_sizes`: label agreement, largest logit difference, CPU time per image."""
+    try:
+        import onnx
+    except ImportError:
+        raise bisenet.SetupError('--export-onnx needs the onnx package: pip install onnx '
+                                 'onnxruntime (onnxruntime checks the export)') from None
+    runtime = bisenet.Runtime('cpu')
+    deployable = Deployable(prepare_for_inference(model, runtime).to(
+        memory_format=torch.contiguous_format), logits=True).eval()
+    example = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
+    outputs = ['labels', 'logits']
+    axes = {'image': {0: 'batch', 1: 'height', 2: 'width'},
+            'labels': {0: 'batch', 1: 'height', 2: 'width'},
+            'logits': {0: 'batch', 2: 'height', 3: 'width'}}
+    kwargs = {}
+    if 'dynamo' in inspect.signature(torch.onnx.export).parameters:
+        kwargs['dynamo'] = False    # the TorchScript exporter: dynamic sizes, in every torch 2.x
+    tmp = Path(str(path) + '.tmp')
+    with warnings.catch_warnings():                 # its deprecation notices, not ours to fix
+        warnings.simplefilter('ignore')
+        torch.onnx.export(deployable, (example,), str(tmp), input_names=['image'],
+                          output_names=outputs, dynamic_axes=axes, opset_version=17, **kwargs)
+    full = onnx.load(str(tmp))                      # checked below with its logits output
+    onnx.checker.check_model(full)
+    if not logits:                                  # what is written: the label map only
+        exported = onnx.load(str(tmp))
+        exported.graph.output.remove(exported.graph.output[1])
+        onnx.save(exported, str(tmp))
+    os.replace(tmp, path)
+    log(f'exported {path}: image uint8 RGB (N, H, W, 3) -> labels uint8 (N, H, W)'
+        + (' and logits float32 (N, 19, H, W)' if logits else '') + ', ONNX opset 17')
+    try:
+        import onnxruntime
+    except ImportError:
+        log('onnxruntime is not installed, so the export was not checked: pip install onnxruntime')
+        return None
+    session = onnxruntime.InferenceSession(full.SerializeToString(),
+                                           providers=['CPUExecutionProvider'])
+    agreements = []
+    for height, width in check_sizes:
+        image = torch.randint(0, 256, (1, height, width, 3), dtype=torch.uint8,
+                              generator=torch.Generator().manual_seed(height))
+        with torch.no_grad():
+            want_labels, want_logits = deployable(image)
+        got = session.run(None, {'image': image.numpy()})
+        agree = float((got[0] == want_labels.numpy()).mean())
+        agreements.append(agree)
+        log(f'onnxruntime check at {height} x {width}: labels agree on {100 * agree:.3f}% of '
+            f'pixels, largest logit difference {np.abs(got[1] - want_logits.numpy()).max():.2e}')
+    height, width = check_sizes[0]
+    image = torch.randint(0, 256, (1, height, width, 3), dtype=torch.uint8)
+    times = {'onnxruntime': [], 'fast path': []}
+    for round_ in range(3):                          # alternating, after one warm-up each
+        for name in ('onnxruntime', 'fast path')[::1 if round_ % 2 == 0 else -1]:
+            start = time.perf_counter()
+            if name == 'onnxruntime':
+                session.run(None, {'image': image.numpy()})
+            else:
+                with torch.no_grad():
+                    deployable(image)
+            times[name].append(time.perf_counter() - start)
+    ort_time, torch_time = (statistics.median(times[n][1:]) for n in ('onnxruntime', 'fast path'))
+    log(f'CPU time per {height} x {width} image: onnxruntime {ort_time * 1e3:.0f} ms, fast path '
+        f'{torch_time * 1e3:.0f} ms ({ort_time / torch_time:.2f} x, one run, '
+        f'{torch.get_num_threads()} threads)')
+    return min(agreements)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +523,16 @@ def main(argv=None):
             raise bisenet.SetupError('--ckpt is required (or --benchmark for a timing run)')
         if args.workers < 0:
             raise bisenet.SetupError(f'--workers cannot be negative, not {args.workers}')
+        if args.images and args.export_onnx:
+            raise bisenet.SetupError('--images and --export-onnx exclude each other: run twice')
+        if args.export_onnx:                        # on the CPU, in fp32: what ONNX files hold
+            model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle).eval()
+            bisenet.make_dir(Path(args.export_onnx).resolve().parent, '--export-onnx')
+            agreement = export_onnx(model, args.export_onnx, args.onnx_logits)
+            if agreement is not None and agreement < 0.9999:
+                raise bisenet.SetupError(f'the ONNX label maps agree with PyTorch on only '
+                                         f'{100 * agreement:.3f}% of the pixels')
+            return
         runtime = bisenet.Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
         if args.benchmark:
             model = (bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle) if args.ckpt
@@ -297,6 +540,29 @@ def main(argv=None):
             runtime.print0(f'BiSeNetV1 {model.backbone_name}, {runtime.device}, '
                            f'{runtime.precision}')
             benchmark(model, runtime, args.compile, log=runtime.print0)
+            return
+        if args.images:
+            paths = find_images(args.images)
+            show_dir = args.show_dir
+            if not (args.out_dir or args.show_dir):
+                show_dir = 'output/segmented'       # pictures, unless asked for label maps
+            for flag, folder in (('--out-dir', args.out_dir), ('--show-dir', show_dir)):
+                if folder:
+                    bisenet.make_dir(folder, flag)
+            model = prepare_for_inference(bisenet.model_from_checkpoint(args.ckpt,
+                                                                        args.trust_pickle),
+                                          runtime, args.compile)
+            runtime.print0(f'segmenting {len(paths)} images with {args.ckpt} '
+                           f'({model.num_classes} classes), {args.mode}'
+                           f'{" + ms/flip" if args.aug_test else ""}, {runtime.device}, '
+                           f'{runtime.precision}; writing '
+                           + ' and '.join(f'{what} to {folder}' for what, folder in (
+                               ('label maps', args.out_dir), ('pictures', show_dir)) if folder))
+            failed = segment_images(model, paths, runtime, args.mode, args.aug_test,
+                                    args.out_dir, show_dir, args.workers, log=runtime.print0)
+            if failed:
+                sys.exit(f'error: {len(failed)} of the images could not be read (named above); '
+                         f'the others were written')
             return
         for flag, folder in (('--out-dir', args.out_dir), ('--show-dir', args.show_dir),
                              ('--json', args.json and Path(args.json).parent),
@@ -325,6 +591,10 @@ def main(argv=None):
             runtime.print0(f'profile trace written to {args.prof_dir}')
         names = bisenet.CLASSES if model.num_classes == len(bisenet.CLASSES) else \
             [str(i) for i in range(model.num_classes)]
+        if metrics['pixels'] == 0:                  # e.g. Cityscapes' test split
+            runtime.print0('no labelled pixels: metrics skipped'
+                           + (f' (predictions written to {args.out_dir})' if args.out_dir else ''))
+            return
         runtime.print0(format_table(metrics, names))
         if args.json and runtime.rank == 0:
             result = {k: metrics[k] for k in ('mIoU', 'mAcc', 'aAcc')}

@@ -553,6 +553,16 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope='module')
+def initial_checkpoint(tmp_path_factory):
+    """The reference's initial weights: unlike random_state's, its predictions vary across an
+    image, so comparing label maps means something."""
+    path = tmp_path_factory.mktemp('ckpt') / 'initial.pth'
+    torch.manual_seed(0)
+    torch.save({'meta': {}, 'state_dict': bisenet.BiSeNetV1().state_dict()}, path)
+    return path
+
+
 def test_eval_writes_cityscapes_label_ids_and_pictures(data, checkpoint, tmp_path):
     run('eval.py', '--ckpt', checkpoint, '--data-path', data, '--device', 'cpu', '--workers', 0,
         '--out-dir', tmp_path / 'out', '--show-dir', tmp_path / 'show', '--json', tmp_path / 'm.json')
@@ -565,7 +575,8 @@ def test_eval_writes_cityscapes_label_ids_and_pictures(data, checkpoint, tmp_pat
             pred = model(image[None]).argmax(1)[0]
         written = np.array(Image.open(tmp_path / 'out' / f'{dataset.name(i)}_leftImg8bit.png'))
         assert (torch.from_numpy(bisenet.TRAIN_IDS[written]).long() == pred).float().mean() > 0.999
-        assert (tmp_path / 'show' / f'{dataset.name(i)}.png').is_file()
+        picture = Image.open(tmp_path / 'show' / f'{dataset.name(i)}.png')
+        assert picture.size == (3 * 128, 64)            # image | prediction | ground truth
         total += evaluation.confusion(pred, label, 19)
     result = json.loads((tmp_path / 'm.json').read_text())
     assert result['mIoU'] == pytest.approx(evaluation.summarize(total)['mIoU'], abs=0.05)
@@ -616,6 +627,141 @@ def test_eval_bad_input(data, tmp_path):
     assert_one_line_error(run('eval.py', '--ckpt', tmp_path / 'ok.pth', '--data-path', data,
                               '--json', junk / 'm.json', check=False),
                           f'--json {junk}: cannot create this folder')
+
+
+def test_a_split_without_labelled_pixels_skips_the_metrics(tmp_path, checkpoint):
+    for i in range(2):                            # like Cityscapes' test split: raw id 0 only
+        write_pair(tmp_path / 'data', 'test', f'berlin/berlin_{i:06d}_000019', value=0)
+    result = run('eval.py', '--ckpt', checkpoint, '--data-path', tmp_path / 'data', '--split',
+                 'test', '--device', 'cpu', '--workers', 0, '--out-dir', tmp_path / 'out')
+    assert 'no labelled pixels: metrics skipped' in result.stdout and 'mIoU' not in result.stdout
+    assert len(list((tmp_path / 'out').rglob('*_leftImg8bit.png'))) == 2
+
+
+def test_fit_size_is_the_reference_test_resize():
+    assert evaluation.fit_size(2048, 1024) == (2048, 1024)
+    assert evaluation.fit_size(1000, 500) == (2048, 1024)         # enlarged x 2.048
+    assert evaluation.fit_size(2500, 1300) == (1969, 1024)        # the short side binds
+    assert evaluation.fit_size(480, 640) == (1024, 1365)          # portrait: 1024 / 480
+
+
+@pytest.fixture(scope='module')
+def own_images(tmp_path_factory):
+    """A folder as users have them: PNG, JPEG with EXIF rotation, greyscale, palette, RGBA, odd
+    sizes, two files with one stem, and a broken file."""
+    root = tmp_path_factory.mktemp('photos')
+    (root / 'sub').mkdir()
+
+    def scene(w, h, seed):
+        return Image.fromarray(bisenet.synthetic_scene(np.random.default_rng(seed), (w, h))[0])
+    scene(200, 100, 1).save(root / 'street.png')
+    scene(123, 77, 2).save(root / 'street.jpg', quality=95)
+    rotated = scene(96, 64, 3)
+    exif = rotated.getexif()
+    exif[0x0112] = 6                                      # shown turned 90 degrees: 64 x 96
+    rotated.save(root / 'sub' / 'phone.jpg', exif=exif, quality=95)
+    scene(90, 130, 4).convert('L').save(root / 'sub' / 'grey.png')
+    scene(150, 60, 5).convert('P', palette=Image.ADAPTIVE).save(root / 'palette.png')
+    scene(101, 55, 6).convert('RGBA').save(root / 'alpha.png')
+    (root / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not an image')
+    return root
+
+
+def test_own_images_label_maps_pictures_and_a_broken_file(own_images, initial_checkpoint,
+                                                         tmp_path):
+    checkpoint = initial_checkpoint
+    result = run('eval.py', '--ckpt', checkpoint, '--images', own_images, '--device', 'cpu',
+                 '--workers', 1, '--out-dir', tmp_path / 'labels', '--show-dir', tmp_path / 'show',
+                 check=False)
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 2 and 'broken.png' in errors[0] and errors[1].startswith('error: 1 of')
+    sizes = {'street.png': (200, 100), 'street.jpg.png': (123, 77), 'sub/phone.jpg.png': (64, 96),
+             'sub/grey.png': (90, 130), 'palette.png': (150, 60), 'alpha.png': (101, 55)}
+    for folder in ('labels', 'show'):
+        written = {p.relative_to(tmp_path / folder).as_posix(): Image.open(p).size
+                   for p in (tmp_path / folder).rglob('*.png')}
+        assert written == sizes, folder
+    # The label map is the plain model's on the image rescaled to fit 2048 x 1024, its scores
+    # resized back: for street.png, 200 x 100 -> 2048 x 1024.
+    model = bisenet.model_from_checkpoint(checkpoint).eval()
+    image = Image.open(own_images / 'street.png')
+    big = torch.from_numpy(np.array(image.resize((2048, 1024), Image.BILINEAR))).permute(2, 0, 1)
+    with torch.no_grad():
+        scores = model(bisenet.normalize(big[None]))
+    expected = F.interpolate(scores, size=(100, 200), mode='bilinear').argmax(1)[0].numpy()
+    written = bisenet.TRAIN_IDS[np.array(Image.open(tmp_path / 'labels' / 'street.png'))]
+    assert (written == expected).mean() > 0.99 and len(np.unique(expected)) > 1
+
+
+def test_own_images_default_to_pictures_in_a_named_folder(own_images, checkpoint, tmp_path):
+    result = subprocess.run([sys.executable, str(HERE / 'eval.py'), '--ckpt', str(checkpoint),
+                             '--images', str(own_images / 'street.png'), '--device', 'cpu',
+                             '--workers', '0'], env=ENV, capture_output=True, text=True,
+                            timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'pictures to output/segmented' in result.stdout
+    assert (tmp_path / 'output' / 'segmented' / 'street.png').is_file()
+    missing = run('eval.py', '--ckpt', checkpoint, '--images', tmp_path / 'nothing*.jpg', check=False)
+    assert_one_line_error(missing, 'no PNG or JPEG file there')
+
+
+def test_cpu_autocast_is_bf16_only():
+    with pytest.raises(bisenet.SetupError, match='bf16 only'):
+        bisenet.Runtime('cpu', amp=True, amp_dtype='fp16')
+    if not bisenet.cpu_has_bf16():
+        with pytest.raises(bisenet.SetupError, match='no bfloat16 units'):
+            bisenet.Runtime('cpu', amp=True, amp_dtype='bf16')
+        pytest.skip('this CPU has no bfloat16 units')
+    runtime, lines = bisenet.Runtime('cpu', amp=True, amp_dtype='bf16'), []
+    model = bisenet.BiSeNetV1().eval()
+    evaluation.benchmark(model, runtime, size=(64, 128), warmup=1, rounds=2, log=lines.append)
+    assert 'cpu, bf16' in lines[2] and lines[-1].startswith('FPS: ')
+    fast = evaluation.prepare_for_inference(model, runtime)
+    x = torch.randn(1, 3, 64, 128)
+    with torch.no_grad(), runtime.autocast():
+        assert fast(x.contiguous(memory_format=torch.channels_last)).dtype == torch.bfloat16
+
+
+def test_onnx_export_matches_eval_label_maps(initial_checkpoint, tmp_path):
+    """One exported file, run by onnxruntime at two sizes, gives eval.py --images' label maps
+    (sizes that fit 2048 x 1024 already, so eval.py does not rescale them)."""
+    checkpoint = initial_checkpoint
+    ort = pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnx')
+    result = run('eval.py', '--ckpt', checkpoint, '--export-onnx', tmp_path / 'm.onnx')
+    checks = [line for line in result.stdout.splitlines() if 'onnxruntime check' in line]
+    assert len(checks) == 2 and all('agree on 100.000%' in line for line in checks), result.stdout
+    assert 'CPU time per 1024 x 2048 image: onnxruntime' in result.stdout
+    session = ort.InferenceSession(str(tmp_path / 'm.onnx'), providers=['CPUExecutionProvider'])
+    assert [o.name for o in session.get_outputs()] == ['labels']
+    for width, height in ((2048, 320), (1024, 1280)):
+        image = bisenet.synthetic_scene(np.random.default_rng(width), (width, height))[0]
+        Image.fromarray(image).save(tmp_path / f'{width}.png')
+        run('eval.py', '--ckpt', checkpoint, '--images', tmp_path / f'{width}.png', '--device',
+            'cpu', '--workers', 0, '--out-dir', tmp_path / 'labels')
+        written = bisenet.TRAIN_IDS[np.array(Image.open(tmp_path / 'labels' / f'{width}.png'))]
+        labels = session.run(None, {'image': image[None]})[0][0]
+        assert labels.dtype == np.uint8 and labels.shape == (height, width)
+        assert (labels == written).mean() >= 0.9999 and len(np.unique(labels)) > 1
+    # The README's onnxruntime example runs as written, next to the exported file.
+    example = (HERE / 'README.md').read_text().split('```python\n')[1].split('```')[0]
+    shutil.copy(tmp_path / 'm.onnx', tmp_path / 'bisenet.onnx')
+    Image.fromarray(bisenet.synthetic_scene(np.random.default_rng(0), (300, 200))[0]).save(
+        tmp_path / 'street.jpg')
+    subprocess.run([sys.executable, '-c', example], cwd=tmp_path, check=True, timeout=120)
+    result_image = Image.open(tmp_path / 'street_labels.png')
+    assert result_image.size == (300, 200) and result_image.mode == 'P'
+
+
+def test_onnx_export_without_onnx_names_the_package(checkpoint, tmp_path):
+    (tmp_path / 'onnx.py').write_text('raise ImportError("no onnx here")\n')
+    env = dict(ENV, PYTHONPATH=f'{tmp_path}{os.pathsep}{HERE}')
+    result = subprocess.run([sys.executable, str(HERE / 'eval.py'), '--ckpt', str(checkpoint),
+                             '--export-onnx', str(tmp_path / 'm.onnx')], env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert_one_line_error(result, 'pip install onnx')
+    assert not (tmp_path / 'm.onnx').exists()
 
 
 # ----------------------------------------------------------------------------------------------
