@@ -369,8 +369,8 @@ def train(args, runtime, stop):
         # -- a sync point: health first, so that no checkpoint ever holds a diverged run -------
         runtime.forbid_syncs(False)
         weights_finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
-        stopping = torch.tensor(int(stop['signal'] is not None), device=runtime.device)
-        status = torch.stack([window['nonfinite'], (~weights_finite).long(), stopping])
+        signalled = torch.tensor(int(stop['signal'] is not None), device=runtime.device)
+        status = torch.stack([window['nonfinite'], (~weights_finite).long(), signalled])
         nonfinite, broken_weights, stopping = runtime.all_reduce(status).tolist()
         scale = scaler.get_scale() if loss_scaling == 'dynamic' else None
         why = divergence(nonfinite, not broken_weights, loss_scaling, scale)
