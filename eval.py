@@ -325,7 +325,7 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             image = Image.open(self.paths[index])
             image = ImageOps.exif_transpose(image).convert('RGB')
-        except (OSError, SyntaxError, ValueError) as e:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             return None, None, str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'
         size = fit_size(*image.size)
         rescaled = bisenet.rescale_crop(image, image.size, size, (0, 0) + size, Image.BILINEAR)
@@ -344,18 +344,18 @@ def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=
                                          sampler=shard(len(dataset), runtime))
     progress, failed = Progress('[images]', len(dataset), runtime, log), []
     for step, (index, (image, rescaled, error)) in enumerate(zip(loader.sampler, loader)):
-        if error is not None:
+        if error is None:
+            x = bisenet.normalize(rescaled[None].to(runtime.device))
+            with runtime.autocast():
+                scores = predict(model, x.contiguous(memory_format=runtime.inference_format),
+                                 model.num_classes, mode, aug_test)
+            scores = F.interpolate(scores, size=image.shape[1:], mode='bilinear',
+                                   align_corners=False)
+            save_prediction(scores.argmax(1)[0].cpu().numpy(), image, names[index],
+                            names[index], out_dir, show_dir)
+        else:
             print(f'skipped {paths[index]}: cannot read it ({error})', file=sys.stderr, flush=True)
             failed.append(paths[index])
-            continue
-        x = bisenet.normalize(rescaled[None].to(runtime.device))
-        with runtime.autocast():
-            scores = predict(model, x.contiguous(memory_format=runtime.inference_format),
-                             model.num_classes, mode, aug_test)
-        scores = F.interpolate(scores.float(), size=image.shape[1:], mode='bilinear',
-                               align_corners=False)
-        save_prediction(scores.argmax(1)[0].cpu().numpy(), image, names[index], names[index],
-                        out_dir, show_dir)
         progress.step(step, len(loader))
     return failed
 
