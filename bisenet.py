@@ -1159,6 +1159,7 @@ class Runtime:
             print(*args, **kwargs, flush=True)
 
     def close(self):
+        self.forbid_syncs(False)            # whatever the loop left on: teardown may sync
         if self.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

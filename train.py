@@ -119,9 +119,9 @@ def check_args(args):
     if args.resume_from and args.resume_from != 'auto' and not Path(args.resume_from).is_file():
         raise bisenet.SetupError(f'--resume-from {args.resume_from} does not exist; give an '
                                  f'existing checkpoint or "auto"')
-    if args.sync_debug and args.perf:
-        raise bisenet.SetupError('--sync-debug and --perf exclude each other: the performance '
-                                 'timer syncs with the device')
+    if args.sync_debug and (args.perf or args.prof):
+        raise bisenet.SetupError('--sync-debug excludes --perf and --prof: their timer and '
+                                 'profiler sync with the device')
     if args.resume_from and args.load_from:
         raise bisenet.SetupError('--resume-from and --load-from exclude each other: resume '
                                  'continues a run, load-from starts one from weights')
