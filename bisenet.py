@@ -1158,9 +1158,14 @@ class Runtime:
         if self.rank == 0:
             print(*args, **kwargs, flush=True)
 
-    def close(self):
+    def close(self, finished=True):
+        """Leave the process group. finished: every rank got here without an error, so all of
+        them can meet first (torch 2.1's gloo can hang destroying its group when a peer process
+        has already exited); after an error only this rank is known to be here."""
         self.forbid_syncs(False)            # whatever the loop left on: teardown may sync
         if self.distributed and torch.distributed.is_initialized():
+            if finished:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 

@@ -613,7 +613,7 @@ def main(argv=None):
         raise
     finally:
         if runtime is not None:
-            runtime.close()
+            runtime.close(finished=sys.exc_info()[0] is None)
 
 
 if __name__ == '__main__':

@@ -188,7 +188,7 @@ def main(argv=None):
         sys.exit(f'error: {bisenet.one_line(e)}')
     finally:
         if runtime is not None:
-            runtime.close()
+            runtime.close(finished=sys.exc_info()[0] is None)
 
 
 def train(args, runtime, stop):
