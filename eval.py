@@ -209,8 +209,8 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
         total += confusion(pred, label, num_classes)
         if out_dir or show_dir:
             name = dataset.name(index)
-            save_prediction(pred[0].cpu().numpy(), image[0], out_dir and f'{name}_leftImg8bit.png',
-                            show_dir and f'{name}.png', out_dir, show_dir, label[0].cpu().numpy())
+            save_prediction(pred[0].cpu().numpy(), image[0], f'{name}_leftImg8bit.png',
+                            f'{name}.png', out_dir, show_dir, label[0].cpu().numpy())
         if profiler is not None:
             profiler.step()
         progress.step(step, len(loader))
@@ -396,7 +396,6 @@ def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)
     deployable = Deployable(prepare_for_inference(model, runtime).to(
         memory_format=torch.contiguous_format), logits=True).eval()
     example = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
-    outputs = ['labels', 'logits']
     axes = {'image': {0: 'batch', 1: 'height', 2: 'width'},
             'labels': {0: 'batch', 1: 'height', 2: 'width'},
             'logits': {0: 'batch', 2: 'height', 3: 'width'}}
@@ -407,11 +406,12 @@ def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)
     with warnings.catch_warnings():                 # its deprecation notices, not ours to fix
         warnings.simplefilter('ignore')
         torch.onnx.export(deployable, (example,), str(tmp), input_names=['image'],
-                          output_names=outputs, dynamic_axes=axes, opset_version=17, **kwargs)
-    full = onnx.load(str(tmp))                      # checked below with its logits output
-    onnx.checker.check_model(full)
+                          output_names=['labels', 'logits'], dynamic_axes=axes, opset_version=17,
+                          **kwargs)
+    exported = onnx.load(str(tmp))
+    onnx.checker.check_model(exported)
+    full = exported.SerializeToString()             # checked below with its logits output
     if not logits:                                  # what is written: the label map only
-        exported = onnx.load(str(tmp))
         exported.graph.output.remove(exported.graph.output[1])
         onnx.save(exported, str(tmp))
     os.replace(tmp, path)
@@ -422,8 +422,7 @@ def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)
     except ImportError:
         log('onnxruntime is not installed, so the export was not checked: pip install onnxruntime')
         return None
-    session = onnxruntime.InferenceSession(full.SerializeToString(),
-                                           providers=['CPUExecutionProvider'])
+    session = onnxruntime.InferenceSession(full, providers=['CPUExecutionProvider'])
     agreements = []
     for height, width in check_sizes:
         image = torch.randint(0, 256, (1, height, width, 3), dtype=torch.uint8,

@@ -343,8 +343,9 @@ def train(args, runtime, stop):
         scaler.step(optimizer)
         scaler.update()
         # A non-finite loss is counted, not added: under a dynamic loss scale it is a skipped step.
-        finite = losses.detach().isfinite().all()
-        window['losses'] += torch.where(finite, losses.detach(), torch.zeros_like(losses))
+        losses = losses.detach()
+        finite = losses.isfinite().all()
+        window['losses'] += torch.where(finite, losses, torch.zeros_like(losses))
         window['nonfinite'] += ~finite
         window['count'] += 1
         iteration += 1
