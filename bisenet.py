@@ -1,4 +1,4 @@
-"""BiSeNetV1 for real-time semantic segmentation, and the Cityscapes data it trains on.
+"""BiSeNetV1 for real-time semantic segmentation, and the data it trains on.
 
 The model is BiSeNet (Yu et al., ECCV 2018, arXiv:1808.00897) exactly as mmsegmentation builds
 it (`bisenetv1_r18-d32`): the same layers in the same order, the same resize modes, the same
@@ -11,11 +11,15 @@ initialisation and the same parameter names, so mmsegmentation's checkpoints loa
     model.train()
     decode, aux8, aux16 = model(images)   # train: the three heads at strides 8, 8, 16
 
-The second half of the file is the data both train.py and eval.py read: the Cityscapes data set
-(raw labelIds mapped to train ids on the fly), the reference's training augmentation and a
-synthetic Cityscapes-layout set for demos and tests. One file, so the two scripts share one copy.
+The second half of the file is the data both train.py and eval.py read: Cityscapes (raw
+labelIds mapped to train ids on the fly) or a data set of your own (classes.txt, images/,
+labels/: see Layout), every label checked as it loads, the reference's training augmentation
+and a synthetic Cityscapes-layout set for demos and tests. One file, so the two scripts share
+one copy.
 
-    python bisenet.py                 # self-check: parameter counts and output shapes
+    python bisenet.py                     # self-check: parameter counts and output shapes
+    python bisenet.py --check-data ROOT   # every label looked at, on all cores: class shares,
+                                          # sizes and every problem, with the file
     python bisenet.py --bench-data ROOT   # data-loading cost per image against a bare decode
     python bisenet.py --bench-data ROOT --cache-dir DIR   # ... and with a warm decoded cache
 """
@@ -23,6 +27,7 @@ import argparse
 import functools
 import inspect
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -61,7 +66,7 @@ if _problem:
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Model
@@ -263,14 +268,19 @@ class FCNHead(nn.Module):
 
 
 class BiSeNetV1(nn.Module):
-    """BiSeNetV1: Spatial Path + Context Path -> FFM -> decode head; two auxiliary heads."""
+    """BiSeNetV1: Spatial Path + Context Path -> FFM -> decode head; two auxiliary heads.
 
-    def __init__(self, num_classes=19, backbone='resnet18'):
+    `classes` and `palette` (names and RGB colours, plain attributes, not weights) say what
+    the outputs mean; by default Cityscapes' for 19 classes (class_meta).
+    """
+
+    def __init__(self, num_classes=19, backbone='resnet18', classes=None, palette=None):
         super().__init__()
         if backbone not in RESNETS:
             raise ValueError(f'backbone must be one of {sorted(RESNETS)}, not {backbone!r}')
         wide = 1 if backbone == 'resnet18' else 4
         self.num_classes, self.backbone_name = num_classes, backbone
+        self.classes, self.palette = class_meta(num_classes, classes, palette)
         self.backbone = BilateralNetwork(backbone)
         self.decode_head = FCNHead(256 * wide, 256 * wide, num_classes)
         self.auxiliary_head = nn.ModuleList(
@@ -334,7 +344,11 @@ def read_state_dict(path, trust_pickle=False):
     """The model weights of a checkpoint file: ours ({'model': ...}), mmsegmentation's
     ({'state_dict': ...}), or a bare state dict. Loads with weights_only=True unless the user
     trusts the file's source (trust_pickle), since unpickling can run arbitrary code."""
-    ckpt = load_file(path, trust_pickle)
+    return state_dict_of(load_file(path, trust_pickle), path)
+
+
+def state_dict_of(ckpt, path):
+    """The model weights of a loaded checkpoint (read_state_dict)."""
     if isinstance(ckpt, dict):
         for key in ('model', 'state_dict'):
             if isinstance(ckpt.get(key), dict):
@@ -366,6 +380,24 @@ def load_file(path, trust_pickle=False):
         raise CheckpointError(f'cannot read checkpoint {path}: {reason}') from None
 
 
+def classes_of(ckpt):
+    """(class names, palette) a loaded checkpoint records, each None where it records none:
+    meta.dataset_meta.classes / .palette, as ours and mmsegmentation 1.x write them, or
+    meta.CLASSES / .PALETTE (mmsegmentation 0.x)."""
+    meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict):
+        return None, None
+    dataset_meta = meta.get('dataset_meta') if isinstance(meta.get('dataset_meta'), dict) else {}
+    classes = dataset_meta.get('classes', meta.get('CLASSES'))
+    palette = dataset_meta.get('palette', meta.get('PALETTE'))
+    if not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
+        classes = None
+    if not (isinstance(palette, (list, tuple)) and all(
+            isinstance(c, (list, tuple)) and len(c) == 3 for c in palette)):
+        palette = None
+    return classes, palette
+
+
 def config_from_state_dict(state_dict):
     """(backbone, num_classes) of a BiSeNetV1 state dict, so a checkpoint builds its own model."""
     head = state_dict.get('decode_head.conv_seg.weight')
@@ -375,9 +407,18 @@ def config_from_state_dict(state_dict):
     return ('resnet50' if deep else 'resnet18'), head.shape[0]
 
 
-def load_state_dict(model, state_dict, source='checkpoint', target=None):
-    """Strict load that names every missing key, unexpected key and shape mismatch."""
+CLASSIFIERS = ('decode_head.conv_seg.', 'auxiliary_head.0.conv_seg.', 'auxiliary_head.1.conv_seg.')
+
+
+def load_state_dict(model, state_dict, source='checkpoint', target=None, new_classes=False):
+    """Strict load that names every missing key, unexpected key and shape mismatch. With
+    new_classes, a checkpoint of another class count fits too: the three classifiers (the 1x1
+    conv_seg of the decode and auxiliary heads) keep the model's own initial weights."""
     own = model.state_dict()
+    if new_classes and 'decode_head.conv_seg.weight' in state_dict \
+            and state_dict['decode_head.conv_seg.weight'].shape[0] != model.num_classes:
+        state_dict = {k: own[k] if k.startswith(CLASSIFIERS) and k in own else v
+                      for k, v in state_dict.items()}
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [f'{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
@@ -401,16 +442,20 @@ def load_state_dict(model, state_dict, source='checkpoint', target=None):
     return model
 
 
-def load_checkpoint(model, path, trust_pickle=False):
-    """Load this project's or mmsegmentation's BiSeNetV1 checkpoint into `model`, strictly."""
-    return load_state_dict(model, read_state_dict(path, trust_pickle), source=str(path))
+def load_checkpoint(model, path, trust_pickle=False, new_classes=False):
+    """Load this project's or mmsegmentation's BiSeNetV1 checkpoint into `model`, strictly;
+    with new_classes, one of another class count but for its classifiers (load_state_dict)."""
+    return load_state_dict(model, read_state_dict(path, trust_pickle), source=str(path),
+                           new_classes=new_classes)
 
 
 def model_from_checkpoint(path, trust_pickle=False):
-    """A BiSeNetV1 built with the backbone and class count the checkpoint itself holds."""
-    state_dict = read_state_dict(path, trust_pickle)
+    """A BiSeNetV1 built with the backbone, class count, class names and colours that the
+    checkpoint itself holds (Cityscapes' where a 19-class checkpoint names none)."""
+    ckpt = load_file(path, trust_pickle)
+    state_dict = state_dict_of(ckpt, path)
     backbone, num_classes = config_from_state_dict(state_dict)
-    model = BiSeNetV1(num_classes, backbone)
+    model = BiSeNetV1(num_classes, backbone, *classes_of(ckpt))
     return load_state_dict(model, state_dict, source=str(path))
 
 
@@ -428,7 +473,7 @@ def load_imagenet_backbone(model, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Cityscapes data
+# Data sets: Cityscapes, or your own (classes.txt, images/, labels/)
 # ----------------------------------------------------------------------------------------------
 
 CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light',
@@ -442,6 +487,8 @@ LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 3
 IGNORE_INDEX = 255
 MEAN = (123.675, 116.28, 103.53)   # ImageNet RGB statistics, as the reference normalises
 STD = (58.395, 57.12, 57.375)
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+EXIF_ORIENTATION = 0x0112
 
 
 def train_id_table():
@@ -459,43 +506,376 @@ class DatasetError(ValueError):
     """A data set folder that cannot be used as it is."""
 
 
-class Cityscapes(torch.utils.data.Dataset):
-    """Cityscapes images with their fine labels, as train ids (0-18, 255 = ignore).
+def default_palette(count, taken=()):
+    """`count` fixed, distinct colours for classes that classes.txt gives none: PASCAL VOC's
+    colour map (the index's bits spread over R, G and B), skipping black (ignored pixels in
+    pictures) and the colours in `taken`."""
+    colours, index = [], 1
+    while len(colours) < count:
+        rgb, bits = [0, 0, 0], index
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= (bits >> channel & 1) << shift
+            bits >>= 3
+        if tuple(rgb) not in taken:
+            colours.append(tuple(rgb))
+        index += 1
+    return tuple(colours)
 
-    Layout: ROOT/leftImg8bit/SPLIT/[CITY/]NAME_leftImg8bit.png beside
-    ROOT/gtFine/SPLIT/[CITY/]NAME_gtFine_labelIds.png (raw ids, mapped on the fly) or
-    NAME_gtFine_labelTrainIds.png. City folders are optional (the Ascend port's flat layout).
+
+def class_meta(num_classes, classes=None, palette=None):
+    """(names, colours) of `num_classes` classes: those given (a data set's, a checkpoint's)
+    where they fit, else Cityscapes' for 19 classes, else '0', '1', ... in default colours."""
+    if classes is None or len(classes) != num_classes:
+        classes = CLASSES if num_classes == len(CLASSES) else [str(i) for i in range(num_classes)]
+    classes = tuple(str(name) for name in classes)
+    if palette is None or len(palette) != num_classes:
+        palette = PALETTE if classes == CLASSES else default_palette(num_classes)
+    return classes, tuple(tuple(int(v) for v in colour) for colour in palette)
+
+
+def read_classes(path):
+    """classes.txt: one class a line, in train-id order, as 'NAME' or 'NAME R G B' (names may
+    hold spaces); 'ignore: [NAME] R G B' names a colour whose pixels are ignored; lines starting
+    with '#' are comments. Returns (names, colours, ignore colours, whether every class has a
+    colour of its own: what reading colour labels needs)."""
+    names, colours, ignored = [], [], []
+    for number, line in enumerate(path.read_text(encoding='utf-8-sig').splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith('#'):
+            continue
+        ignore = line.lower().startswith('ignore:')
+        words = (line[len('ignore:'):] if ignore else line).split()
+        colour = None
+        if len(words) >= 3 and all(w.isdigit() for w in words[-3:]):
+            colour, words = tuple(int(w) for w in words[-3:]), words[:-3]
+            if max(colour) > 255:
+                raise DatasetError(f'{path} line {number}: colour {colour} has a value above 255')
+        if ignore and colour is None:
+            raise DatasetError(f'{path} line {number}: "ignore:" needs a colour, as in '
+                               f'"ignore: void 0 0 0"')
+        if not ignore and not words:
+            raise DatasetError(f'{path} line {number}: a class needs a name before its colour')
+        if ignore:
+            ignored.append(colour)
+        else:
+            names.append(' '.join(words))
+            colours.append(colour)
+    if not names:
+        raise DatasetError(f'{path} lists no class: write one class name per line, in train-id '
+                           f'order (optionally followed by its colour R G B)')
+    if len(names) >= IGNORE_INDEX:
+        raise DatasetError(f'{path} lists {len(names)} classes; at most 254 fit, since label '
+                           f'value 255 means "ignore"')
+    for what, items in (('class name', names), ('colour', [c for c in colours + ignored if c])):
+        repeated = sorted({item for item in items if items.count(item) > 1}, key=str)
+        if repeated:
+            raise DatasetError(f'{path} lists the {what} {repeated[0]} twice: each must be unique')
+    defaults = iter(default_palette(colours.count(None), taken=set(colours) | set(ignored)))
+    palette = tuple(colour or next(defaults) for colour in colours)
+    return tuple(names), palette, tuple(ignored), None not in colours
+
+
+def open_image(path):
+    """An image file as RGB, turned as its EXIF orientation says (as cv2 loads it for the
+    reference); also the size it has before that turn."""
+    image = Image.open(path)
+    stored_size = image.size
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    image.load()
+    return (image if image.mode == 'RGB' else image.convert('RGB')), stored_size
+
+
+def size_problem(image_path, size, stored_size, label_path, label_size):
+    """Why an image and its label do not fit together, or None."""
+    if size == label_size:
+        return None
+    problem = f'{image_path} is {size[0]}x{size[1]} but its label {label_path} is ' \
+              f'{label_size[0]}x{label_size[1]}'
+    if label_size == stored_size:
+        problem += (': the sizes match only without the image\'s EXIF rotation, so the label was '
+                    'drawn on the unrotated image; rotate the label too, or save the image '
+                    'without its EXIF orientation')
+    return problem
+
+
+@functools.lru_cache(maxsize=2)
+def colour_table(palette, ignore_colours):
+    """Lookup from a colour packed as R | G << 8 | B << 16 to its train id (255 for the ignore
+    colours, UNLISTED for any other colour): 16 MB, made once per process."""
+    table = np.full(1 << 24, UNLISTED, np.uint8)
+    for train_id, (r, g, b) in enumerate(palette):
+        table[r | g << 8 | b << 16] = train_id
+    for r, g, b in ignore_colours:
+        table[r | g << 8 | b << 16] = IGNORE_INDEX
+    return table
+
+
+UNLISTED = 254      # a colour classes.txt does not list (colour labels hold at most 254 classes)
+
+
+class Layout:
+    """Where a data set folder keeps a split's images and labels, and what its labels mean.
+
+    Cityscapes: ROOT/leftImg8bit/SPLIT/[CITY/]NAME_leftImg8bit.png beside
+    ROOT/gtFine/SPLIT/[CITY/]NAME_gtFine_labelIds.png (raw ids, mapped to train ids as they
+    load) or NAME_gtFine_labelTrainIds.png; the 19 classes of CLASSES. City folders are
+    optional (the Ascend port's flat layout).
+
+    Your own: ROOT/classes.txt (read_classes), ROOT/images/SPLIT/**/NAME.{png,jpg,jpeg} and
+    ROOT/labels/SPLIT/**/NAME.png, the same relative path and stem. ADE20K's names work too:
+    annotations/ for labels/, training/ and validation/ for train/ and val/. A label is an index
+    image (mode L or P: the value, a palette PNG's index, is the train id; 255 = ignore) or an
+    RGB image in classes.txt's colours.
+    """
+
+    SPLIT_ALIASES = {'train': 'training', 'val': 'validation'}
+
+    def __init__(self, root):
+        self.root = root = Path(root)
+        if not root.is_dir():
+            raise DatasetError(f'data path {root} does not exist')
+        self.cityscapes = (root / 'leftImg8bit').is_dir() or (root / 'gtFine').is_dir()
+        if self.cityscapes:
+            self.classes, self.palette, self.ignore_colours = CLASSES, PALETTE, ()
+            self.classes_file, self.reads_colours = None, True
+            return
+        self.classes_file = root / 'classes.txt'
+        if not self.classes_file.is_file():
+            if any((root / folder).is_dir() for folder in ('images', 'labels', 'annotations')):
+                raise DatasetError(f'{self.classes_file} is missing: write the class names there, '
+                                   f'one per line in train-id order (README: "Your own data set")')
+            raise DatasetError(f'{root} holds neither Cityscapes (leftImg8bit/, gtFine/) nor a '
+                               f'data set of your own (classes.txt, images/, labels/)')
+        self.classes, self.palette, self.ignore_colours, self.reads_colours = \
+            read_classes(self.classes_file)
+
+    def folder(self, kind, split):
+        """ROOT/KIND/SPLIT, or the first of its aliases that exists."""
+        kinds = (kind, 'annotations') if kind == 'labels' else (kind,)
+        splits = (split, self.SPLIT_ALIASES.get(split, split))
+        candidates = [self.root / k / s for k in kinds for s in splits]
+        return next((c for c in candidates if c.is_dir()), candidates[0])
+
+    def find(self, split):
+        """A split's samples (image path, label path, id table for Image.point or None), the
+        names its outputs are written under, and the problems of pairing them up."""
+        if self.cityscapes:
+            return self.find_cityscapes(split)
+        image_dir, label_dir = self.folder('images', split), self.folder('labels', split)
+        for folder in (image_dir, label_dir):
+            if not folder.is_dir():
+                raise DatasetError(f'{folder} is missing: expected images/{split}/ and '
+                                   f'labels/{split}/ under {self.root}')
+        images, labels, problems = {}, {}, []
+        for folder, found in ((image_dir, images), (label_dir, labels)):
+            for path in sorted(folder.rglob('*')):
+                if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                    name = path.relative_to(folder).with_suffix('').as_posix()
+                    if name in found:
+                        problems.append(f'{found[name]} and {path} share the name {name}: '
+                                        f'rename one of them')
+                    found[name] = path
+        samples, names = [], []
+        for name, image in images.items():
+            label = labels.get(name)
+            if label is None:
+                problems.append(f'image without a label: {image} (expected {label_dir}/{name}.png)')
+            elif label.suffix.lower() != '.png':
+                problems.append(f'{label} is a JPEG label: JPEG compression invents label values '
+                                f'at every edge; save labels as PNG')
+            else:
+                samples.append((image, label, None))
+                names.append(name)
+        problems += [f'label without an image: {label} (expected {image_dir}/{name}.png or .jpg)'
+                     for name, label in labels.items() if name not in images]
+        if not images:
+            raise DatasetError(f'no PNG or JPEG images under {image_dir}: the split is empty')
+        return samples, names, problems
+
+    def find_cityscapes(self, split):
+        image_dir, label_dir = self.root / 'leftImg8bit' / split, self.root / 'gtFine' / split
+        for folder in (image_dir, label_dir):
+            if not folder.is_dir():
+                raise DatasetError(f'{folder} is missing: expected the Cityscapes layout '
+                                   f'leftImg8bit/{split}/ and gtFine/{split}/ under {self.root}')
+        samples, names, problems = [], [], []
+        for image in sorted(image_dir.rglob('*_leftImg8bit.png')):
+            name = image.relative_to(image_dir).as_posix()[:-len('_leftImg8bit.png')]
+            raw = label_dir / f'{name}_gtFine_labelIds.png'
+            train = label_dir / f'{name}_gtFine_labelTrainIds.png'
+            if raw.is_file() or train.is_file():
+                samples.append((image, raw, TRAIN_IDS_LIST) if raw.is_file() else (image, train, None))
+                names.append(name)
+            else:
+                problems.append(f'label missing for {image}: expected {raw}')
+        if not samples and not problems:
+            raise DatasetError(f'no *_leftImg8bit.png images under {image_dir}')
+        return samples, names, problems
+
+    def read_label(self, path, id_table=None):
+        """A label file as train ids, a PIL image of mode L (or P: its indices), and their
+        histogram (256 counts). Index labels hold train ids, or with `id_table` ids to map
+        (Cityscapes' labelIds); RGB labels are read by classes.txt's colours. Anything that
+        is neither a class nor 255 raises DatasetError naming the file."""
+        try:
+            label = Image.open(path)
+            label.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DatasetError(f'cannot read the label {path}: {e}') from None
+        if label.format == 'JPEG':
+            raise DatasetError(f'{path} is a JPEG file: JPEG compression invents label values at '
+                               f'every edge; save labels as PNG')
+        if label.mode in ('RGB', 'RGBA'):
+            return self.read_colours(path, label)
+        if label.mode not in ('L', 'P'):
+            label = index_image(label, path)
+        if id_table is not None:
+            label = label.point(id_table) if label.mode == 'L' else \
+                Image.fromarray(np.array(id_table, np.uint8)[np.asarray(label)])
+        counts = label.histogram()
+        bad = [value for value in range(len(self.classes), IGNORE_INDEX) if counts[value]]
+        if bad:
+            share = sum(counts[v] for v in bad) / (label.width * label.height)
+            raise DatasetError(f'{path} holds the value {bad[0]}' + (f' (and {len(bad) - 1} other '
+                               f'values)' if len(bad) > 1 else '') + f' in {share:.2%} of its '
+                               f'pixels, but {self.what_values()}')
+        return label, counts
+
+    def what_values(self):
+        source = f'{self.classes_file} lists' if self.classes_file else 'Cityscapes has'
+        return (f'{source} {len(self.classes)} classes: labels hold 0-{len(self.classes) - 1}, '
+                f'or 255 for pixels to ignore')
+
+    def read_colours(self, path, label):
+        """An RGB label mapped through classes.txt's colours (read_label)."""
+        if not self.reads_colours:
+            raise DatasetError(f'{path} is a colour (RGB) label, but classes.txt does not give '
+                               f'every class a colour: add R G B after each name, or save labels '
+                               f'as index PNGs (mode L or P)')
+        if len(self.classes) > UNLISTED:
+            raise DatasetError(f'{path} is a colour label, but colour labels can name at most '
+                               f'{UNLISTED} classes: save labels as index PNGs')
+        rgb = label.convert('RGB').tobytes() + b'\0'
+        # Each pixel's three bytes, read as one little-endian number: R | G << 8 | B << 16.
+        packed = np.ndarray((label.width * label.height,), '<u4', rgb, 0, (3,)) & 0xFFFFFF
+        train_ids = colour_table(self.palette, self.ignore_colours).take(packed)
+        ids = Image.fromarray(train_ids.reshape(label.height, label.width))
+        counts = ids.histogram()
+        if counts[UNLISTED]:
+            colours, number = np.unique(packed[train_ids == UNLISTED], return_counts=True)
+            worst = int(colours[number.argmax()])
+            colour = (worst & 255, worst >> 8 & 255, worst >> 16)
+            raise DatasetError(f'{path} holds the colour {colour}, which classes.txt does not '
+                               f'list, in {number.max() / packed.size:.2%} of its pixels'
+                               + (f' ({len(colours) - 1} more unlisted colours)'
+                                  if len(colours) > 1 else '')
+                               + f'; add it as a class or as "ignore: NAME {colour[0]} '
+                                 f'{colour[1]} {colour[2]}"')
+        return ids, counts
+
+
+def index_image(label, path):
+    """A label of another index mode as mode L: 1-bit (0/1), 16-bit grey, grey with alpha."""
+    if label.mode not in ('1', 'I', 'I;16', 'I;16B', 'I;16L', 'LA', 'PA'):
+        raise DatasetError(f'{path} is a {label.mode} image: save labels as index PNGs (mode L '
+                           f'or P) or as RGB PNGs in the colours of classes.txt')
+    values = np.asarray(label)
+    values = values[..., 0] if values.ndim == 3 else values
+    if values.max(initial=0) > 255:
+        raise DatasetError(f'{path} holds the value {int(values.max())}: label values are train '
+                           f'ids, 0-254, or 255 for pixels to ignore')
+    return Image.fromarray(values.astype(np.uint8))
+
+
+def look_at(layout, sample):
+    """What a check learns of one sample without decoding its image: (image size, histogram
+    of the label's train ids, None), or (None, None, the problem)."""
+    image_path, label_path, id_table = sample
+    try:
+        try:
+            with Image.open(image_path) as image:
+                stored_size = image.size
+                turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DatasetError(f'cannot read {image_path}: {e}') from None
+        size = stored_size[::-1] if turned else stored_size
+        label, counts = layout.read_label(label_path, id_table)
+        problem = size_problem(image_path, size, stored_size, label_path, label.size)
+        if problem:
+            raise DatasetError(problem)
+        return size, counts, None
+    except DatasetError as e:
+        return None, None, str(e)
+
+
+def survey(layout, split, samples, limit=None, processes=1):
+    """Look at the labels of a split's samples (all of them, or `limit` spread over the split)
+    in `processes` processes, as `python bisenet.py --check-data` and train.py do. Returns a
+    dict: 'looked' (how many), 'sizes' [(w, h)], 'pixels' (counts per train id, 256),
+    'problems' (each one line: what cannot be trained on) and 'warnings' (what can, but is
+    likely wrong)."""
+    count = len(samples)
+    if limit is not None and limit < count:
+        samples = [samples[i] for i in sorted(set(np.linspace(0, count - 1, limit).round()
+                                                  .astype(int).tolist()))]
+    work = functools.partial(look_at, layout)
+    if processes > 1 and len(samples) > 1:
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context('fork' if 'fork' in methods else None)
+        with context.Pool(min(processes, len(samples))) as pool:
+            results = pool.map(work, samples, chunksize=max(1, len(samples) // (processes * 4)))
+    else:
+        results = [work(sample) for sample in samples]
+    pixels, sizes, problems = np.zeros(256, np.int64), [], []
+    for size, counts, problem in results:
+        if problem:
+            problems.append(problem)
+        else:
+            sizes.append(size)
+            pixels += counts
+    warnings_, classes = [], layout.classes
+    seen = set(np.flatnonzero(pixels).tolist())
+    looked = f'the {len(samples)} {split} labels looked at' if len(samples) < count \
+        else f'the {split} labels'
+    # Colour labels hold 255 only where classes.txt names ignore colours: without them, 0 and
+    # 255 alone are a binary mask saved as black and white.
+    if len(classes) >= 2 and seen == {0, IGNORE_INDEX} and not layout.ignore_colours:
+        names = ', '.join(f"'{name}'" for name in classes[1:])
+        problems.append(f'{looked} hold only the values 0 and 255, but 255 means "ignore": '
+                        f'{names} would never be learnt; save masks with 1 for the object (0/1 '
+                        f'masks; 255 only for pixels to ignore)')
+    elif sizes:
+        absent = [name for i, name in enumerate(classes) if not pixels[i]]
+        if absent:
+            warnings_.append(f'class {", ".join(repr(n) for n in absent)} never occurs in '
+                             f'{looked}: the model cannot learn it')
+    return {'looked': len(samples), 'sizes': sizes, 'pixels': pixels, 'problems': problems,
+            'warnings': warnings_}
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """One split of a data set folder in either Layout: images with their labels as train ids
+    (0 to C-1, 255 = ignore), C = len(classes); `classes` and `palette` name and colour them.
+
     Without a transform an item is (RGB uint8 array (H, W, 3), train-id uint8 array (H, W)).
     With one it is transform(image, label, rng); the key may be an int, or (index, rng_key) from
     InfiniteSampler so that the sample's randomness is fixed by its place in the stream.
+    A label value that is not a class, an unlisted colour or a size mismatch raises
+    DatasetError naming the file when the sample is read (survey() finds them up front).
     With cache_dir, each sample is decoded once into a DecodedCache there (CACHE_DIR/SPLIT) and
     memory-mapped after; the transforms give the same samples either way. `cache_note` says
     where the cache is and how large, or why it is not used (too little free space).
     """
 
     def __init__(self, root, split='train', transform=None, cache_dir=None):
-        root = Path(root)
-        image_dir, label_dir = root / 'leftImg8bit' / split, root / 'gtFine' / split
-        if not root.is_dir():
-            raise DatasetError(f'data path {root} does not exist')
-        for folder in (image_dir, label_dir):
-            if not folder.is_dir():
-                raise DatasetError(f'{folder} is missing: expected the Cityscapes layout '
-                                   f'leftImg8bit/{split}/ and gtFine/{split}/ under {root}')
-        self.samples = []        # (image path, label path, label holds raw ids)
-        for image in sorted(image_dir.rglob('*_leftImg8bit.png')):
-            stem = image.relative_to(image_dir).as_posix()[:-len('_leftImg8bit.png')]
-            raw = label_dir / f'{stem}_gtFine_labelIds.png'
-            train = label_dir / f'{stem}_gtFine_labelTrainIds.png'
-            if raw.is_file():
-                self.samples.append((image, raw, True))
-            elif train.is_file():
-                self.samples.append((image, train, False))
-            else:
-                raise DatasetError(f'label missing for {image}: expected {raw}')
-        if not self.samples:
-            raise DatasetError(f'no *_leftImg8bit.png images under {image_dir}')
-        self.image_dir, self.transform = image_dir, transform
+        self.layout = Layout(root)
+        self.classes, self.palette = self.layout.classes, self.layout.palette
+        self.samples, self.names, problems = self.layout.find(split)
+        if problems:
+            raise DatasetError(problems[0] + more(problems, root))
+        self.split, self.transform = split, transform
         self.cache, self.cache_note = None, None
         if cache_dir is not None:
             self.cache = DecodedCache(make_dir(Path(cache_dir) / split, '--cache-dir'))
@@ -504,11 +884,18 @@ class Cityscapes(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def sources(self, index):
+        """The files sample `index` is decoded from; classes.txt too, since it gives colours
+        their train ids."""
+        image_path, label_path, _ = self.samples[index]
+        classes_file = self.layout.classes_file
+        return (image_path, label_path) + ((classes_file,) if classes_file else ())
+
     def size_cache(self):
         """Check that the cache fits on its disk (if not, go without it) and say how large."""
         total = missing = 0
-        for index, (image_path, label_path, _) in enumerate(self.samples):
-            entry = self.cache.read(self.name(index), image_path, label_path)
+        for index, (image_path, _, _) in enumerate(self.samples):
+            entry = self.cache.read(self.name(index), *self.sources(index))
             if entry is None:
                 try:
                     width, height = Image.open(image_path).size      # reads the header only
@@ -530,34 +917,26 @@ class Cityscapes(torch.utils.data.Dataset):
     def load(self, index):
         """The RGB image and train-id label of sample `index`: views of its memory-mapped cache
         entry (H, W, 3) and (H, W), which the transforms read region by region; without a cache,
-        PIL images (RGB, L) as decoded."""
+        PIL images (RGB; L or P) as decoded."""
         if self.cache is None:
             return self.decode(index)
-        image_path, label_path, _ = self.samples[index]
-        name = self.name(index)
-        entry = self.cache.read(name, image_path, label_path)
+        name, sources = self.name(index), self.sources(index)
+        entry = self.cache.read(name, *sources)
         if entry is None:
-            entry = self.cache.write(name, *self.decode(index), image_path, label_path)
+            entry = self.cache.write(name, *self.decode(index), *sources)
         return entry
 
     def decode(self, index):
-        """The PIL image (RGB) and label (train ids, mode L) of sample `index`, from its files."""
-        image_path, label_path, raw = self.samples[index]
+        """The PIL image (RGB) and label (train ids) of sample `index`, from its files."""
+        image_path, label_path, id_table = self.samples[index]
         try:
-            image = Image.open(image_path)
-            image.load()
-            label = Image.open(label_path)
-            label.load()
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DatasetError(f'cannot read {image_path} or its label: {e}') from None
-        if image.mode != 'RGB':
-            image = image.convert('RGB')
-        if label.mode != 'L':
-            label = label.convert('L')
-        if raw:
-            label = label.point(TRAIN_IDS_LIST)
-        if image.size != label.size:
-            raise DatasetError(f'{image_path} is {image.size} but its label is {label.size}')
+            image, stored_size = open_image(image_path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DatasetError(f'cannot read {image_path}: {e}') from None
+        label, _ = self.layout.read_label(label_path, id_table)
+        problem = size_problem(image_path, image.size, stored_size, label_path, label.size)
+        if problem:
+            raise DatasetError(problem)
         return image, label
 
     def __getitem__(self, key):
@@ -568,9 +947,20 @@ class Cityscapes(torch.utils.data.Dataset):
         return self.transform(image, label, np.random.default_rng(rng_key))
 
     def name(self, index):
-        """The image's path relative to leftImg8bit/SPLIT, without '_leftImg8bit.png'."""
-        path = self.samples[index][0].relative_to(self.image_dir).as_posix()
-        return path[:-len('_leftImg8bit.png')]
+        """The image's path relative to its split folder, without its suffix (Cityscapes:
+        without '_leftImg8bit.png')."""
+        return self.names[index]
+
+
+Cityscapes = SegmentationDataset     # the name scripts know; Cityscapes is one of its layouts
+
+
+def more(problems, root):
+    """What follows the first of several problems in a one-line error."""
+    if len(problems) == 1:
+        return ''
+    return (f' (and {len(problems) - 1} more problems: python bisenet.py --check-data {root} '
+            f'lists them all)')
 
 
 class DecodedCache:
@@ -1176,10 +1566,11 @@ class Runtime:
 
 def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_dir=None):
     """Per-image cost of a DataLoader worker (one thread) against a bare decode of the files;
-    with cache_dir also the same worker reading a warm decoded-data cache, filled first."""
+    with cache_dir also the same worker reading a warm decoded-data cache, filled first; and
+    the label check of --check-data against a bare decode of the labels, on all cores."""
     torch.set_num_threads(1)
     transform = TrainTransform(crop_size, on_device=True)
-    dataset = Cityscapes(root, split, transform)
+    dataset = SegmentationDataset(root, split, transform)
     indices = [i % len(dataset) for i in range(count)]
 
     def per_image(work):
@@ -1192,17 +1583,80 @@ def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_
     decode = per_image(lambda _, i: [Image.open(path).load() for path in dataset.samples[i][:2]])
     worker = per_image(lambda position, i: dataset[(i, (0, position))])
     print(f'{count} images of {root}/{split}, crop {crop_size[0]}x{crop_size[1]}, one thread')
-    print(f'bare PNG decode (image + label): {decode * 1e3:6.1f} ms per image')
+    print(f'bare decode (image + label): {decode * 1e3:6.1f} ms per image')
     print(f'worker (read, decode, rescale, crop, flip, pad): {worker * 1e3:6.1f} ms per image '
           f'({worker / decode:.2f} x the decode)')
     if cache_dir is not None:
-        cached = Cityscapes(root, split, transform, cache_dir)
+        cached = SegmentationDataset(root, split, transform, cache_dir)
         print(cached.cache_note)
         for i in sorted(set(indices)):                          # fill: decoded once, untimed
             cached.load(i)
         warm = per_image(lambda position, i: cached[(i, (0, position))])
         print(f'worker with a warm cache: {warm * 1e3:6.1f} ms per image ({warm / worker:.2f} x '
               f'the uncached worker, {warm / decode:.2f} x the decode)')
+    samples = [dataset.samples[i] for i in indices]
+    processes = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    times = {'bare label decode': [], 'label check': []}
+    with multiprocessing.get_context().Pool(processes) as pool:
+        jobs = {'bare label decode': decode_label_file,
+                'label check': functools.partial(look_at, dataset.layout)}
+        for round_ in range(4):                  # alternating, the first round a warm-up
+            for name in (list(jobs) if round_ % 2 == 0 else list(jobs)[::-1]):
+                start = time.perf_counter()
+                pool.map(jobs[name], samples, chunksize=max(1, len(samples) // (4 * processes)))
+                times[name].append((time.perf_counter() - start) / len(samples))
+    bare, check = (min(times[name][1:]) for name in times)
+    print(f'label check of --check-data on {processes} processes: {check * 1e3:.2f} ms per file '
+          f'against {bare * 1e3:.2f} ms for a bare decode of the label ({check / bare:.2f} x)')
+
+
+def decode_label_file(sample):
+    """A bare decode of a sample's label file: what benchmark_data compares the check with."""
+    with Image.open(sample[1]) as label:
+        label.load()
+
+
+def check_data(root, splits=('train', 'val'), processes=None):
+    """python bisenet.py --check-data ROOT: every label of every split looked at, on all
+    cores. Prints per split the images, their sizes, each class's share of the pixels and
+    every problem; returns the number of problems."""
+    layout = Layout(root)
+    processes = processes or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                              else os.cpu_count())
+    source = f'from {layout.classes_file}' if layout.classes_file else '(the Cityscapes layout)'
+    print(f'{root}: {len(layout.classes)} classes {source}')
+    total, start, looked = 0, time.perf_counter(), 0
+    width = max(len(name) for name in layout.classes + ('(ignored)',)) + 2
+    for split in splits:
+        try:
+            samples, _, problems = layout.find(split)
+        except DatasetError as e:
+            print(f'{split}: problem: {e}')
+            total += 1
+            continue
+        found = survey(layout, split, samples, processes=processes)
+        looked += found['looked']
+        problems += found['problems']
+        sizes, pixels = found['sizes'], found['pixels']
+        line = f'{split}: {len(samples)} images'
+        if sizes:
+            (w_min, h_min), (w_max, h_max) = np.min(sizes, 0), np.max(sizes, 0)
+            line += f', {w_min}x{h_min} to {w_max}x{h_max} pixels'
+        print(line)
+        share = pixels / max(pixels.sum(), 1)
+        print(f'  {"class":<{width}}share of pixels')
+        for train_id, name in enumerate(layout.classes):
+            print(f'  {name:<{width}}{100 * share[train_id]:6.2f}%')
+        print(f'  {"(ignored)":<{width}}{100 * share[IGNORE_INDEX]:6.2f}%')
+        for problem in problems:
+            print(f'  problem: {problem}')
+        for warning in found['warnings']:
+            print(f'  warning: {warning}')
+        total += len(problems)
+    elapsed = time.perf_counter() - start
+    print(f'looked at {looked} labels in {elapsed:.1f} s on {processes} processes: '
+          + (f'{total} problems' if total else 'no problems'))
+    return total
 
 
 def self_check():
@@ -1220,20 +1674,26 @@ def self_check():
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description='BiSeNetV1 self-check and data benchmark')
+    parser = argparse.ArgumentParser(description='BiSeNetV1 self-check, data check and benchmark')
+    parser.add_argument('--check-data', metavar='ROOT', help='look at every label of a data set '
+                        'folder (Cityscapes or your own) and name every problem')
+    parser.add_argument('--splits', nargs='+', default=['train', 'val'],
+                        help='with --check-data: the splits to look at')
     parser.add_argument('--bench-data', metavar='ROOT', help='time the training data pipeline '
-                        'on a Cityscapes-layout folder (e.g. data/cityscapes)')
+                        'on a data set folder (e.g. data/cityscapes)')
     parser.add_argument('--crop-size', type=int, nargs='+', default=[1024], metavar='S',
                         help='training crop: S (S x S) or H W')
     parser.add_argument('--count', type=int, default=20, help='images to time')
     parser.add_argument('--cache-dir', help='also time a worker reading a warm decoded-data '
                         'cache in this folder (filled first)')
     args = parser.parse_args()
-    if args.bench_data:
-        try:
+    try:
+        if args.check_data:
+            raise SystemExit(1 if check_data(args.check_data, args.splits) else 0)
+        if args.bench_data:
             benchmark_data(args.bench_data, crop_size=parse_crop_size(args.crop_size),
                            count=args.count, cache_dir=args.cache_dir)
-        except (DatasetError, SetupError) as e:
-            raise SystemExit(f'error: {e}')
-    else:
-        self_check()
+        else:
+            self_check()
+    except (DatasetError, SetupError) as e:
+        raise SystemExit(f'error: {e}')

@@ -1,8 +1,9 @@
-"""Evaluate a BiSeNetV1 checkpoint on Cityscapes with the reference's metric, segment your own
-images with it, or export it to ONNX.
+"""Evaluate a BiSeNetV1 checkpoint on Cityscapes or a data set of your own with the reference's
+metric, segment your own images with it, or export it to ONNX.
 
-Works with this project's checkpoints and mmsegmentation's published ones; the backbone and the
-class count are read from the checkpoint.
+Works with this project's checkpoints and mmsegmentation's published ones; the backbone, the
+class count and the class names and colours are read from the checkpoint (Cityscapes' where a
+19-class checkpoint names none).
 
     python eval.py --ckpt output/best.pth --data-path data/cityscapes            # val, whole image
     python eval.py --ckpt CKPT --data-path ROOT --aug-test                       # ms + flip
@@ -13,10 +14,11 @@ class count are read from the checkpoint.
     python eval.py --benchmark [--device cuda --amp]       # inference FPS at 1024 x 2048
     python eval.py --benchmark --device cpu --amp --amp-dtype bf16               # CPU bf16
 
---out-dir writes one PNG of Cityscapes labelIds per image (CITY/NAME_leftImg8bit.png), the
-format cityscapesscripts' evaluation and the benchmark server accept; --show-dir writes the
-image, the prediction and the ground truth side by side (own images: the prediction in the
-official colours over the image). train.py validates with evaluate() below.
+--out-dir writes one PNG per image: for Cityscapes its labelIds (CITY/NAME_leftImg8bit.png),
+the format cityscapesscripts' evaluation and the benchmark server accept; for other classes a
+palette PNG of train ids in the classes' colours (NAME.png). --show-dir writes pictures: the
+image, the prediction and the ground truth side by side, captioned (own images: the prediction
+over the image), with a legend of the classes present. train.py validates with evaluate() below.
 """
 import argparse
 import copy
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)     # the reference's multi-scale test
 SLIDE_WINDOW, SLIDE_STRIDE = (1024, 1024), (768, 768)
@@ -46,7 +48,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--ckpt', help='checkpoint: ours (train.py) or mmsegmentation\'s')
     parser.add_argument('--data-path', '--data_path', default='data/cityscapes',
-                        help='Cityscapes root holding leftImg8bit/ and gtFine/')
+                        help='Cityscapes root (leftImg8bit/, gtFine/) or your own data set '
+                             '(classes.txt, images/, labels/)')
     parser.add_argument('--images', nargs='+', metavar='PATH', help='segment these PNG/JPEG '
                         'files, folders (recursively) or globs instead; no labels needed')
     parser.add_argument('--export-onnx', metavar='FILE', help='write the inference fast path as '
@@ -58,7 +61,8 @@ def get_args_parser():
                         help='whole image (the reference) or sliding 1024 x 1024 windows')
     parser.add_argument('--aug-test', action='store_true',
                         help='multi-scale (0.5-1.75) + flip test, softmax averaged')
-    parser.add_argument('--out-dir', help='write Cityscapes labelIds PNGs here')
+    parser.add_argument('--out-dir', help='write label PNGs here (Cityscapes: labelIds; '
+                        'other classes: palette PNGs of train ids)')
     parser.add_argument('--show-dir', help='write colour pictures of the predictions here')
     parser.add_argument('--json', help='write {"mIoU", "mAcc", "aAcc", "per_class"} here')
     parser.add_argument('--device', choices=('auto', 'npu', 'cuda', 'cpu'), default='auto')
@@ -113,9 +117,10 @@ def summarize(confusion_matrix):
 
 
 def format_table(metrics, class_names):
-    lines = [f'{"class":<15}{"IoU":>8}{"Acc":>8}']
+    width = max([15] + [len(name) + 2 for name in class_names])
+    lines = [f'{"class":<{width}}{"IoU":>8}{"Acc":>8}']
     for name, iou, acc in zip(class_names, metrics['IoU'], metrics['Acc']):
-        lines.append(f'{name:<15}{iou:8.2f}{acc:8.2f}')
+        lines.append(f'{name:<{width}}{iou:8.2f}{acc:8.2f}')
     lines.append(f'mIoU {metrics["mIoU"]:.2f}  mAcc {metrics["mAcc"]:.2f}  '
                  f'aAcc {metrics["aAcc"]:.2f}')
     return '\n'.join(lines)
@@ -188,17 +193,20 @@ def shard(size, runtime):
 
 @torch.no_grad()
 def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None,
-             show_dir=None, workers=4, log=print, profiler=None):
-    """Run `model` over `dataset` (EvalTransform(on_device=True) items) in this process's shard
-    and return the metrics of the counts summed over all processes."""
+             show_dir=None, workers=4, log=print, profiler=None, limit=None):
+    """Run `model` over `dataset` (a SegmentationDataset of EvalTransform(on_device=True)
+    items; its first `limit` images, if given) in this process's shard and return the metrics
+    of the counts summed over all processes. Outputs are named and coloured by the dataset."""
     was_training = model.training
     model.eval()
     num_classes = model.num_classes
+    size = len(dataset) if limit is None else min(limit, len(dataset))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=1, sampler=shard(len(dataset), runtime), num_workers=workers,
+        dataset, batch_size=1, sampler=shard(size, runtime), num_workers=workers,
         **runtime.loader_options())
+    label_ids = bisenet.LABEL_IDS if dataset.layout.cityscapes else None
     total = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
-    progress = Progress('[eval]', len(dataset), runtime, log)
+    progress = Progress('[eval]', size, runtime, log)
     for step, (index, (image, label)) in enumerate(zip(loader.sampler, loader)):
         image = image.to(runtime.device, non_blocking=True)
         label = label.to(runtime.device, non_blocking=True).long()
@@ -209,8 +217,10 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
         total += confusion(pred, label, num_classes)
         if out_dir or show_dir:
             name = dataset.name(index)
-            save_prediction(pred[0].cpu().numpy(), image[0], f'{name}_leftImg8bit.png',
-                            f'{name}.png', out_dir, show_dir, label[0].cpu().numpy())
+            save_prediction(pred[0].cpu().numpy(), image[0],
+                            f'{name}_leftImg8bit.png' if label_ids else f'{name}.png',
+                            f'{name}.png', out_dir, show_dir, dataset.classes, dataset.palette,
+                            label[0].cpu().numpy(), label_ids)
         if profiler is not None:
             profiler.step()
         progress.step(step, len(loader))
@@ -236,39 +246,94 @@ class Progress:
             self.last = time.time()
 
 
-def colourize(train_ids):
-    """Train ids (H, W) in the official colours; ignored and unknown ids black."""
-    palette = np.zeros((256, 3), np.uint8)
-    palette[:len(bisenet.PALETTE)] = bisenet.PALETTE
-    return palette[train_ids]
+def colourize(train_ids, palette):
+    """Train ids (H, W) in the classes' colours; ignored and unknown ids black."""
+    colours = np.zeros((256, 3), np.uint8)
+    colours[:len(palette)] = palette
+    return colours[train_ids]
 
 
-def save_prediction(pred, image, out_name, show_name, out_dir, show_dir, label=None):
-    """Cityscapes labelIds PNG OUT_DIR/out_name, and/or a picture SHOW_DIR/show_name: the image,
-    the prediction and the ground truth side by side when a label is given, else the
-    prediction in colour over the image. pred, label: (H, W) train ids; image uint8 (3, H, W)."""
+def save_prediction(pred, image, out_name, show_name, out_dir, show_dir, classes, palette,
+                    label=None, label_ids=None):
+    """The label map OUT_DIR/out_name, and/or a picture SHOW_DIR/show_name: the image, the
+    prediction and the ground truth side by side when a label is given, else the prediction
+    over the image; captioned, with a legend of the classes present. The label map is a
+    palette PNG of train ids in the classes' colours, or with label_ids (Cityscapes' labelIds,
+    what its evaluation scripts read) those ids. pred, label: (H, W) train ids; image uint8
+    (3, H, W)."""
     if out_dir:
         path = Path(out_dir) / out_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        label_ids = np.zeros(256, np.uint8)
-        label_ids[:len(bisenet.LABEL_IDS)] = bisenet.LABEL_IDS
-        Image.fromarray(label_ids[pred]).save(path)
+        if label_ids is not None:
+            table = np.zeros(256, np.uint8)
+            table[:len(label_ids)] = label_ids
+            Image.fromarray(table[pred]).save(path)
+        else:
+            label_map = Image.fromarray(pred.astype(np.uint8))
+            label_map.putpalette([v for colour in palette for v in colour])
+            label_map.save(path)
     if show_dir:
         path = Path(show_dir) / show_name
         path.parent.mkdir(parents=True, exist_ok=True)
         rgb = image.permute(1, 2, 0).cpu().numpy()
+        present = np.bincount(pred.ravel(), minlength=256)
         if label is None:
-            picture = (0.5 * rgb + 0.5 * colourize(pred)).astype(np.uint8)
+            panels = [(0.5 * rgb + 0.5 * colourize(pred, palette)).astype(np.uint8)]
+            captions = ['prediction']
         else:
-            picture = np.concatenate([rgb, colourize(pred), colourize(label)], axis=1)
-        Image.fromarray(picture).save(path)
+            panels = [rgb, colourize(pred, palette), colourize(label, palette)]
+            captions = ['image', 'prediction', 'ground truth']
+            present = present + np.bincount(label.ravel(), minlength=256)
+        picture(panels, captions, np.flatnonzero(present[:256]), classes, palette).save(path)
+
+
+def picture(panels, captions, train_ids, classes, palette):
+    """Panels (uint8 (H, W, 3)) side by side, a caption above each, and below them a legend:
+    the classes `train_ids` (255: ignored) as swatches of their colours with their names, in
+    Pillow's own font, sized to the panels."""
+    height, width = panels[0].shape[0], sum(p.shape[1] for p in panels)
+    size = max(11, height // 40)
+    try:
+        font = ImageFont.load_default(size=size)         # Pillow >= 10.1 scales its font
+    except (TypeError, OSError, ImportError):
+        font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    pad, line = size // 2, size + size // 2
+
+    def text_width(text):
+        return measure.textbbox((0, 0), text, font=font)[2]
+    entries = [(tuple(palette[i]) if i < len(palette) else (0, 0, 0),
+                classes[i] if i < len(classes) else 'ignored' if i == 255 else str(i))
+               for i in train_ids]
+    widths = [size + pad + text_width(name) + 2 * pad for _, name in entries]
+    last_caption = width - panels[-1].shape[1] + text_width(captions[-1]) + 2 * pad
+    width = max([width, last_caption] + [w + pad for w in widths])
+    rows, x = 1 if entries else 0, pad
+    for w in widths:                                  # wrapped to the picture's width
+        if x + w > width and x > pad:
+            rows, x = rows + 1, pad
+        x += w
+    canvas = Image.new('RGB', (width, line + height + rows * line + pad), 'white')
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for panel, caption in zip(panels, captions):
+        canvas.paste(Image.fromarray(panel), (x, line))
+        draw.text((x + pad, pad // 2), caption, fill='black', font=font)
+        x += panel.shape[1]
+    x, y = pad, line + height + pad // 2
+    for (colour, name), w in zip(entries, widths):
+        if x + w > width and x > pad:
+            x, y = pad, y + line
+        draw.rectangle([x, y, x + size, y + size], fill=colour, outline='black')
+        draw.text((x + size + pad, y), name, fill='black', font=font)
+        x += w
+    return canvas
 
 
 # ----------------------------------------------------------------------------------------------
 # Your own images: the reference's test pipeline on any PNG or JPEG
 # ----------------------------------------------------------------------------------------------
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 TEST_SCALE = (2048, 1024)            # the reference's test Resize: fit, keeping the aspect ratio
 
 
@@ -285,12 +350,12 @@ def find_images(patterns):
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            matches = [p for p in path.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES]
+            matches = [p for p in path.rglob('*') if p.suffix.lower() in bisenet.IMAGE_SUFFIXES]
         elif path.is_file():
             matches = [path]                        # named explicitly: tried whatever it is
         else:
             matches = [Path(p) for p in glob.glob(pattern, recursive=True)
-                       if Path(p).suffix.lower() in IMAGE_SUFFIXES]
+                       if Path(p).suffix.lower() in bisenet.IMAGE_SUFFIXES]
         matches = [p.resolve() for p in matches if p.is_file()]
         if not matches:
             raise bisenet.SetupError(f'--images {pattern}: no PNG or JPEG file there')
@@ -323,8 +388,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         try:
-            image = Image.open(self.paths[index])
-            image = ImageOps.exif_transpose(image).convert('RGB')
+            image, _ = bisenet.open_image(self.paths[index])
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             return None, None, str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'
         size = fit_size(*image.size)
@@ -340,6 +404,7 @@ def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=
     image's own size (bilinear) before the argmax, as the reference predicts. Writes label PNGs
     and/or pictures; returns the files that could not be read."""
     dataset, names = ImageFiles(paths), output_names(paths)
+    label_ids = bisenet.LABEL_IDS if model.classes == bisenet.CLASSES else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                          sampler=shard(len(dataset), runtime))
     progress, failed = Progress('[images]', len(dataset), runtime, log), []
@@ -352,7 +417,8 @@ def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=
             scores = F.interpolate(scores, size=image.shape[1:], mode='bilinear',
                                    align_corners=False)
             save_prediction(scores.argmax(1)[0].cpu().numpy(), image, names[index],
-                            names[index], out_dir, show_dir)
+                            names[index], out_dir, show_dir, model.classes, model.palette,
+                            label_ids=label_ids)
         else:
             print(f'skipped {paths[index]}: cannot read it ({error})', file=sys.stderr, flush=True)
             failed.append(paths[index])
@@ -367,8 +433,8 @@ def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=
 
 class Deployable(nn.Module):
     """The exported interface: 'image' uint8 RGB (N, H, W, 3), any size, as images come from a
-    decoder -> 'labels' uint8 (N, H, W) train ids (0-18), and with logits=True also 'logits'
-    float32 (N, 19, H, W). Normalisation is inside; resizing to fit 2048 x 1024 is the
+    decoder -> 'labels' uint8 (N, H, W) train ids (0 to C-1 for C classes), and with
+    logits=True also 'logits' float32 (N, C, H, W). Normalisation is inside; resizing to fit 2048 x 1024 is the
     caller's, as it is eval.py's."""
 
     def __init__(self, model, logits=False):
@@ -416,7 +482,8 @@ def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)
         onnx.save(exported, str(tmp))
     os.replace(tmp, path)
     log(f'exported {path}: image uint8 RGB (N, H, W, 3) -> labels uint8 (N, H, W)'
-        + (' and logits float32 (N, 19, H, W)' if logits else '') + ', ONNX opset 17')
+        + (f' and logits float32 (N, {model.num_classes}, H, W)' if logits else '')
+        + f', ONNX opset 17, classes: {", ".join(model.classes)}')
     try:
         import onnxruntime
     except ImportError:
@@ -569,14 +636,19 @@ def main(argv=None):
             if folder:                          # fail now, not after the evaluation
                 bisenet.make_dir(folder, flag)
         model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle)
-        dataset = bisenet.Cityscapes(args.data_path, args.split,
-                                     bisenet.EvalTransform(on_device=True), args.cache_dir)
+        dataset = bisenet.SegmentationDataset(args.data_path, args.split,
+                                              bisenet.EvalTransform(on_device=True),
+                                              args.cache_dir)
+        if model.num_classes != len(dataset.classes):
+            raise bisenet.SetupError(f'{args.ckpt} predicts {model.num_classes} classes but '
+                                     f'{args.data_path} has {len(dataset.classes)}: evaluate a '
+                                     f'checkpoint trained on this data set')
         if dataset.cache_note:
             runtime.print0(dataset.cache_note)
-        if args.prof_test:
-            dataset = torch.utils.data.Subset(dataset, range(min(8, len(dataset))))
+        limit = 8 if args.prof_test else None           # a few images are enough to profile
         runtime.print0(f'evaluating {args.ckpt} ({model.backbone_name}, {model.num_classes} '
-                       f'classes) on {len(dataset)} images of {args.data_path}/{args.split}, '
+                       f'classes) on {min(len(dataset), limit or len(dataset))} images of '
+                       f'{args.data_path}/{args.split}, '
                        f'{args.mode}{" + ms/flip" if args.aug_test else ""}, {runtime.device}, '
                        f'{runtime.precision}, {runtime.world_size} process(es)')
         model = prepare_for_inference(model, runtime, args.compile)
@@ -584,12 +656,12 @@ def main(argv=None):
         if profiler is not None:
             profiler.start()
         metrics = evaluate(model, dataset, runtime, args.mode, args.aug_test, args.out_dir,
-                           args.show_dir, args.workers, log=runtime.print0, profiler=profiler)
+                           args.show_dir, args.workers, log=runtime.print0, profiler=profiler,
+                           limit=limit)
         if profiler is not None:
             profiler.stop()
             runtime.print0(f'profile trace written to {args.prof_dir}')
-        names = bisenet.CLASSES if model.num_classes == len(bisenet.CLASSES) else \
-            [str(i) for i in range(model.num_classes)]
+        names = dataset.classes
         if metrics['pixels'] == 0:                  # e.g. Cityscapes' test split
             runtime.print0('no labelled pixels: metrics skipped'
                            + (f' (predictions written to {args.out_dir})' if args.out_dir else ''))

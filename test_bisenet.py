@@ -514,6 +514,304 @@ def test_batched_distortion_matches_a_per_image_version():
 
 
 # ----------------------------------------------------------------------------------------------
+# Your own data set
+# ----------------------------------------------------------------------------------------------
+
+# Four classes of synthetic_scene's streets, by Cityscapes train id; everything else is ignored.
+OWN_CLASSES = {10: 0, 2: 1, 1: 2, 0: 3}
+OWN_COLOURS = ((70, 130, 180), (70, 70, 70), (244, 35, 232), (128, 64, 128))
+CLASSES_TXT = ('# name R G B, in train-id order\nsky 70 130 180\nbuilding 70 70 70\n'
+               'side walk 244 35 232\nroad 128 64 128\nignore: void 0 0 0\n')
+
+
+def make_own_data(root, num_train=8, num_val=4, colour_labels=False, seed=0):
+    """A data set of one's own, as users bring it: four classes with colours, PNG and JPEG
+    images of odd sizes (some EXIF-rotated), L and P index labels with ignored regions (or RGB
+    colour labels, void black), sub-folders."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / 'classes.txt').write_text(CLASSES_TXT)
+    for split, count in (('train', num_train), ('val', num_val)):
+        for i in range(count):
+            width, height = int(rng.integers(90, 160)), int(rng.integers(50, 90))
+            image, raw = bisenet.synthetic_scene(rng, (width, height))
+            train_ids = bisenet.TRAIN_IDS[raw]
+            label = np.full_like(train_ids, 255)
+            for cityscapes_id, own_id in OWN_CLASSES.items():
+                label[train_ids == cityscapes_id] = own_id
+            folder = f'{split}/part{i % 2}'
+            for kind in ('images', 'labels'):
+                (root / kind / folder).mkdir(parents=True, exist_ok=True)
+            picture = Image.fromarray(image)
+            if i % 3 == 2:              # stored turned; EXIF says to turn it back (orientation 6)
+                exif = picture.getexif()
+                exif[bisenet.EXIF_ORIENTATION] = 6
+                picture.transpose(Image.ROTATE_90).save(root / 'images' / folder / f'{i}.jpg',
+                                                        exif=exif, quality=95)
+            else:
+                picture.save(root / 'images' / folder / (f'{i}.jpg' if i % 3 else f'{i}.png'),
+                             **({'quality': 95} if i % 3 else {}))
+            if colour_labels:
+                colours = np.zeros((256, 3), np.uint8)
+                colours[:4] = OWN_COLOURS
+                written = Image.fromarray(colours[label])
+            else:
+                written = Image.fromarray(label)
+                if i % 2:               # a palette PNG: its indices are the ids, not its colours
+                    written.putpalette([v for c in reversed(OWN_COLOURS) for v in c] + [9] * 756)
+            written.save(root / 'labels' / folder / f'{i}.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def own_data(tmp_path_factory):
+    return make_own_data(tmp_path_factory.mktemp('own'))
+
+
+def test_classes_file_names_colours_defaults_and_ignore_colours(tmp_path):
+    path = tmp_path / 'classes.txt'
+    path.write_text('# comment\nback ground\ntraffic light 250 170 30\n\nignore: void 0 0 0\n'
+                    'pole 3\n')
+    names, palette, ignored, all_coloured = bisenet.read_classes(path)
+    assert names == ('back ground', 'traffic light', 'pole 3') and ignored == ((0, 0, 0),)
+    assert palette[1] == (250, 170, 30) and not all_coloured
+    assert len(set(palette)) == 3 and (0, 0, 0) not in palette       # distinct defaults
+    assert bisenet.read_classes(path)[1] == palette                   # and fixed
+    for text, words in (('a 1 2 3\nb 1 2 3\n', r'colour \(1, 2, 3\) twice'), ('a\na\n', 'name a twice'),
+                        ('a 1 2 300\n', 'above 255'), ('ignore: void\n', 'needs a colour'),
+                        ('# nothing\n', 'lists no class'), ('1 2 3\n', 'needs a name')):
+        path.write_text(text)
+        with pytest.raises(bisenet.DatasetError, match=words):
+            bisenet.read_classes(path)
+
+
+def test_own_layout_index_and_colour_labels_exif_and_sub_folders(own_data, tmp_path):
+    dataset = bisenet.SegmentationDataset(own_data, 'train')
+    assert dataset.classes == ('sky', 'building', 'side walk', 'road')
+    assert dataset.palette == OWN_COLOURS and len(dataset) == 8
+    assert dataset.names[:2] == ['part0/0', 'part0/2'] and dataset.names[4] == 'part1/1'
+    coloured = bisenet.SegmentationDataset(make_own_data(tmp_path / 'rgb', colour_labels=True))
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        stored = Image.open(dataset.samples[i][0]).size
+        turned = int(dataset.name(i).split('/')[1]) % 3 == 2
+        assert image.shape[:2] == label.shape                     # EXIF applied to the image
+        assert (image.shape[1], image.shape[0]) == (stored[::-1] if turned else stored)
+        assert set(np.unique(label)) <= {0, 1, 2, 3, 255} and (label == 255).any()
+        # a P label's indices, not its colours; an RGB label read through classes.txt
+        assert np.array_equal(label, coloured[i][1])
+    assert (np.bincount(np.concatenate([dataset[i][1].ravel() for i in range(8)]))[:4] > 0).all()
+
+
+def write_own(root, name, image_size=(40, 30), label=None, image_suffix='.png', split='train'):
+    """One image (random pixels) and, unless label is False, its label array (default zeros)."""
+    (root / 'images' / split).mkdir(parents=True, exist_ok=True)
+    (root / 'labels' / split).mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(0).integers(0, 255, (image_size[1], image_size[0], 3), np.uint8)
+    Image.fromarray(pixels).save(root / 'images' / split / f'{name}{image_suffix}')
+    if label is not False:
+        label = np.zeros(image_size[::-1], np.uint8) if label is None else label
+        Image.fromarray(label).save(root / 'labels' / split / f'{name}.png')
+
+
+def problems_of(root, split='train'):
+    layout = bisenet.Layout(root)
+    samples, _, problems = layout.find(split)
+    return problems + bisenet.survey(layout, split, samples)['problems']
+
+
+def test_every_label_problem_is_named_with_the_file(tmp_path):
+    root = tmp_path / 'data'
+    write_own(root, 'good', label=np.arange(40 * 30, dtype=np.uint8).reshape(30, 40) % 3)
+    with pytest.raises(bisenet.DatasetError, match='classes.txt is missing'):
+        bisenet.Layout(root)
+    (root / 'classes.txt').write_text('a 10 10 10\nb 20 20 20\nc 30 30 30\n')
+    assert problems_of(root) == []
+    bad = np.zeros((30, 40), np.uint8)
+    bad[:3] = 7
+    write_own(root, 'bad', label=bad)
+    [problem] = problems_of(root)
+    assert 'bad.png holds the value 7 in 10.00% of its pixels' in problem and '0-2' in problem
+    with pytest.raises(bisenet.DatasetError, match='value 7'):      # and when it is read
+        bisenet.SegmentationDataset(root)[0]
+    colours = np.full((30, 40, 3), 10, np.uint8)
+    colours[0] = (1, 2, 3)
+    Image.fromarray(colours).save(root / 'labels' / 'train' / 'bad.png')
+    [problem] = problems_of(root)
+    assert 'colour (1, 2, 3), which classes.txt does not list, in 3.33%' in problem
+    (root / 'labels' / 'train' / 'bad.png').unlink()
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(root / 'labels' / 'train' / 'bad.jpg')
+    [problem] = problems_of(root)
+    assert 'bad.jpg is a JPEG label' in problem and 'save labels as PNG' in problem
+    (root / 'labels' / 'train' / 'bad.jpg').unlink()
+    write_own(root, 'orphan', label=np.zeros((30, 40), np.uint8))
+    (root / 'images' / 'train' / 'orphan.png').unlink()
+    (root / 'images' / 'train' / 'bad.png').unlink()
+    [problem] = problems_of(root)
+    assert 'label without an image' in problem and 'orphan.png' in problem
+    (root / 'labels' / 'train' / 'orphan.png').unlink()
+    write_own(root, 'small', label=np.zeros((20, 40), np.uint8))
+    [problem] = problems_of(root)
+    assert 'small.png is 40x30 but its label' in problem and '40x20' in problem
+    # A phone photo stored 30 x 40 and shown turned (EXIF 6), its label drawn on the stored one.
+    turned = Image.open(root / 'images' / 'train' / 'small.png')
+    exif = turned.getexif()
+    exif[bisenet.EXIF_ORIENTATION] = 6
+    turned.save(root / 'images' / 'train' / 'small.jpg', exif=exif)
+    (root / 'images' / 'train' / 'small.png').unlink()
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(root / 'labels' / 'train' / 'small.png')
+    [problem] = problems_of(root)
+    assert 'is 30x40 but its label' in problem and 'only without the image\'s EXIF rotation' in problem
+    with pytest.raises(bisenet.DatasetError, match='images/val is missing'):
+        bisenet.SegmentationDataset(root, 'val')
+    (root / 'images' / 'val').mkdir()
+    (root / 'labels' / 'val').mkdir()
+    with pytest.raises(bisenet.DatasetError, match='the split is empty'):
+        bisenet.SegmentationDataset(root, 'val')
+
+
+def test_binary_masks_saved_as_0_and_255_are_named(tmp_path):
+    (tmp_path / 'classes.txt').write_text('background\nobject\n')
+    mask = np.zeros((30, 40), np.uint8)
+    mask[10:20, 10:30] = 255
+    write_own(tmp_path, 'a', label=mask)
+    [problem] = problems_of(tmp_path)
+    assert 'only the values 0 and 255' in problem and "'object' would never be learnt" in problem
+    write_own(tmp_path, 'a', label=mask // 255)                     # 0/1: fine
+    assert problems_of(tmp_path) == []
+
+
+def test_check_data_prints_each_split_and_every_problem(own_data, tmp_path):
+    result = run('bisenet.py', '--check-data', own_data)
+    assert 'train: 8 images' in result.stdout and 'val: 4 images' in result.stdout
+    assert 'side walk' in result.stdout and '(ignored)' in result.stdout
+    assert result.stdout.strip().endswith('no problems')
+    shutil.copytree(own_data, tmp_path / 'copy')
+    label = tmp_path / 'copy' / 'labels' / 'val' / 'part0' / '0.png'
+    values = np.array(Image.open(label))
+    values[0, 0] = 9
+    Image.fromarray(values).save(label)
+    result = run('bisenet.py', '--check-data', tmp_path / 'copy', check=False)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert f'problem: {label} holds the value 9' in result.stdout
+    assert result.stdout.strip().endswith('1 problems')
+
+
+def test_train_on_own_data_then_eval_with_its_names_and_colours(own_data, tmp_path):
+    work = tmp_path / 'work'
+    result = run('train.py', '--data-path', own_data, '--device', 'cpu', '--crop-size', 64,
+                 '--batch-size', 4, '--iters', 8, '--val-interval', 8, '--log-interval', 4,
+                 '--workers', 2, '--work-dir', work)
+    assert '4 classes' in result.stdout and 'side walk' in result.stdout
+    best = torch.load(work / 'best.pth', weights_only=True)
+    assert best['meta']['dataset_meta'] == {'classes': ['sky', 'building', 'side walk', 'road'],
+                                            'palette': [list(c) for c in OWN_COLOURS]}
+    trained = [line for line in result.stdout.splitlines() if line.startswith('mIoU')][-1]
+    evaluated = run('eval.py', '--ckpt', work / 'best.pth', '--data-path', own_data, '--device',
+                    'cpu', '--workers', 0, '--out-dir', tmp_path / 'out', '--show-dir',
+                    tmp_path / 'show')
+    assert trained in evaluated.stdout and 'side walk' in evaluated.stdout
+    out = Image.open(tmp_path / 'out' / 'part0' / '0.png')
+    assert out.mode == 'P' and out.getpalette()[:12] == [v for c in OWN_COLOURS for v in c]
+    assert out.size == Image.open(own_data / 'labels' / 'val' / 'part0' / '0.png').size
+    images = run('eval.py', '--ckpt', work / 'best.pth', '--images',
+                 own_data / 'images' / 'val' / 'part0' / '0.png', '--device', 'cpu',
+                 '--workers', 0, '--out-dir', tmp_path / 'segmented')
+    out = Image.open(tmp_path / 'segmented' / '0.png')
+    assert '4 classes' in images.stdout and out.mode == 'P'
+    assert out.getpalette()[:12] == [v for c in OWN_COLOURS for v in c]
+
+
+def test_train_refuses_a_bad_label_in_one_line_before_the_first_iteration(own_data, tmp_path):
+    root = tmp_path / 'data'
+    shutil.copytree(own_data, root)
+    label = root / 'labels' / 'train' / 'part1' / '3.png'
+    values = np.array(Image.open(label))
+    values[:2] = 30
+    Image.fromarray(values).save(label)
+    result = run('train.py', '--data-path', root, '--device', 'cpu', '--crop-size', 64,
+                 '--iters', 2, '--workers', 0, '--work-dir', tmp_path / 'work', check=False)
+    assert_one_line_error(result, str(label), 'holds the value 30', '4 classes')
+    assert 'iter ' not in result.stdout and not list((tmp_path / 'work').glob('*.pth'))
+
+
+def test_fine_tune_from_a_19_class_checkpoint_loads_all_but_the_classifiers(checkpoint, own_data,
+                                                                            tmp_path):
+    model = bisenet.BiSeNetV1(4)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    source = torch.load(checkpoint, weights_only=True)['state_dict']
+    bisenet.load_checkpoint(model, checkpoint, new_classes=True)
+    for key, value in model.state_dict().items():
+        expected = fresh[key] if key.startswith(bisenet.CLASSIFIERS) else source[key]
+        assert torch.equal(value, expected), key
+    with pytest.raises(bisenet.CheckpointError, match='shape mismatch'):
+        bisenet.load_checkpoint(bisenet.BiSeNetV1(4), checkpoint)      # only when asked
+    with pytest.raises(bisenet.CheckpointError, match='resnet18 BiSeNetV1 but the model is resnet50'):
+        bisenet.load_checkpoint(bisenet.BiSeNetV1(4, 'resnet50'), checkpoint, new_classes=True)
+    result = run('train.py', '--data-path', own_data, '--load-from', checkpoint, '--device', 'cpu',
+                 '--crop-size', 64, '--iters', 1, '--workers', 0, '--no-validate', '--work-dir',
+                 tmp_path)
+    assert 'loaded every weight but the three classifiers' in result.stdout
+    assert '19 classes there, 4 here' in result.stdout
+
+
+def test_checkpoints_name_their_classes_cityscapes_by_default(checkpoint, tmp_path):
+    assert bisenet.model_from_checkpoint(checkpoint).classes == bisenet.CLASSES
+    state = bisenet.BiSeNetV1(2).state_dict()
+    torch.save({'meta': {'dataset_meta': {'classes': ('bg', 'cat'),
+                                          'palette': [[0, 0, 0], [255, 0, 0]]}},
+                'state_dict': state}, tmp_path / 'mmseg1.pth')
+    torch.save({'meta': {'CLASSES': ('bg', 'dog')}, 'state_dict': state}, tmp_path / 'mmseg0.pth')
+    torch.save(state, tmp_path / 'bare.pth')
+    one = bisenet.model_from_checkpoint(tmp_path / 'mmseg1.pth')
+    assert one.classes == ('bg', 'cat') and one.palette == ((0, 0, 0), (255, 0, 0))
+    assert bisenet.model_from_checkpoint(tmp_path / 'mmseg0.pth').classes == ('bg', 'dog')
+    bare = bisenet.model_from_checkpoint(tmp_path / 'bare.pth')
+    assert bare.classes == ('0', '1') and len(set(bare.palette)) == 2
+
+
+def test_padding_share_of_crops_larger_than_the_images():
+    # 100 x 100 images, 200 x 200 crops: the crop holds (r / 2)^2 of image, r in [0.5, 2].
+    assert train.padding_share([(100, 100)], (200, 200)) == pytest.approx(1 - 1.75 / 4, abs=2e-3)
+    assert train.padding_share([(1000, 800)], (200, 200)) == 0
+
+
+def test_pictures_have_captions_and_a_legend_of_the_classes_present(tmp_path):
+    pred = np.zeros((60, 80), np.int64)
+    pred[:, 40:] = 2
+    label = pred.copy()
+    label[:10] = 255
+    image = torch.zeros(3, 60, 80, dtype=torch.uint8)
+    palette = ((200, 10, 10), (10, 200, 10), (10, 10, 200))
+    evaluation.save_prediction(pred, image, 'x.png', 'x.png', None, tmp_path, ('a', 'b', 'c'),
+                               palette, label)
+    picture = np.array(Image.open(tmp_path / 'x.png'))
+    assert picture.shape[1] == 3 * 80
+    assert_panel(picture, evaluation.colourize(pred, palette), left=80)
+    legend = picture[picture.shape[0] - 20:].reshape(-1, 3)
+    present = {tuple(c) for c in legend.tolist()}
+    assert palette[0] in present and palette[2] in present and palette[1] not in present
+    assert not np.all(picture[:10] == 255)                          # a caption above
+
+
+def test_onnx_export_of_a_four_class_model_runs_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnx')
+    torch.manual_seed(0)
+    model = bisenet.BiSeNetV1(4, classes=('a', 'b', 'c', 'd')).eval()
+    lines = []
+    agreement = evaluation.export_onnx(model, tmp_path / 'm.onnx', logits=True,
+                                       check_sizes=((64, 96),), log=lines.append)
+    assert agreement == 1.0
+    assert 'logits float32 (N, 4, H, W)' in lines[0] and 'classes: a, b, c, d' in lines[0]
+    session = ort.InferenceSession(str(tmp_path / 'm.onnx'), providers=['CPUExecutionProvider'])
+    image = bisenet.synthetic_scene(np.random.default_rng(0), (96, 64))[0][None]
+    labels, logits = session.run(None, {'image': image})
+    assert labels.shape == (1, 64, 96) and logits.shape == (1, 4, 64, 96)
+    assert labels.max() < 4
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
 
@@ -575,12 +873,22 @@ def test_eval_writes_cityscapes_label_ids_and_pictures(data, checkpoint, tmp_pat
             pred = model(image[None]).argmax(1)[0]
         written = np.array(Image.open(tmp_path / 'out' / f'{dataset.name(i)}_leftImg8bit.png'))
         assert (torch.from_numpy(bisenet.TRAIN_IDS[written]).long() == pred).float().mean() > 0.999
-        picture = Image.open(tmp_path / 'show' / f'{dataset.name(i)}.png')
-        assert picture.size == (3 * 128, 64)            # image | prediction | ground truth
+        picture = np.array(Image.open(tmp_path / 'show' / f'{dataset.name(i)}.png'))
+        # image | prediction | ground truth under their captions, the legend below
+        assert picture.shape[1] == 3 * 128 and picture.shape[0] > 64
+        assert_panel(picture, evaluation.colourize(pred.numpy(), bisenet.PALETTE), left=128)
         total += evaluation.confusion(pred, label, 19)
     result = json.loads((tmp_path / 'm.json').read_text())
     assert result['mIoU'] == pytest.approx(evaluation.summarize(total)['mIoU'], abs=0.05)
     assert set(result['per_class']) == set(bisenet.CLASSES)
+
+
+def assert_panel(picture, panel, left):
+    """`panel` stands in `picture` at column `left`, below a caption of some height."""
+    height, width = panel.shape[:2]
+    tops = [top for top in range(picture.shape[0] - height + 1)
+            if np.array_equal(picture[top:top + height, left:left + width], panel)]
+    assert tops, 'panel not found in the picture'
 
 
 def test_slide_and_aug_test(data, checkpoint):
@@ -678,10 +986,12 @@ def test_own_images_label_maps_pictures_and_a_broken_file(own_images, initial_ch
     assert len(errors) == 2 and 'broken.png' in errors[0] and errors[1].startswith('error: 1 of')
     sizes = {'street.png': (200, 100), 'street.jpg.png': (123, 77), 'sub/phone.jpg.png': (64, 96),
              'sub/grey.png': (90, 130), 'palette.png': (150, 60), 'alpha.png': (101, 55)}
-    for folder in ('labels', 'show'):
-        written = {p.relative_to(tmp_path / folder).as_posix(): Image.open(p).size
-                   for p in (tmp_path / folder).rglob('*.png')}
-        assert written == sizes, folder
+    written = {p.relative_to(tmp_path / 'labels').as_posix(): Image.open(p).size
+               for p in (tmp_path / 'labels').rglob('*.png')}
+    assert written == sizes
+    for name, (width, height) in sizes.items():          # the picture, with caption and legend
+        shown = Image.open(tmp_path / 'show' / name).size
+        assert shown[0] >= width and shown[1] > height, name
     # The label map is the plain model's on the image rescaled to fit 2048 x 1024, its scores
     # resized back: for street.png, 200 x 100 -> 2048 x 1024.
     model = bisenet.model_from_checkpoint(checkpoint).eval()

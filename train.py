@@ -1,4 +1,6 @@
-"""Train BiSeNetV1 on Cityscapes with mmsegmentation's recipe (bisenetv1_r18-d32, 160k iters).
+"""Train BiSeNetV1 on Cityscapes with mmsegmentation's recipe (bisenetv1_r18-d32, 160k iters),
+or on a data set of your own (ROOT/classes.txt, ROOT/images/, ROOT/labels/; README: "Your own
+data set"), with the same recipe.
 
 A demo on a generated synthetic data set (CPU, about 3 minutes, mIoU >= 50):
     python train.py --demo
@@ -11,10 +13,13 @@ Two hosts (run on each, NODE_RANK 0 and 1; or bash run_8p.sh with NNODES etc.):
         --master_addr=$MASTER_ADDR --master_port=29500 train.py --data-path data/cityscapes
 Resume after a stop or preemption (SIGTERM/SIGINT save latest.pth first):
     torchrun ... train.py --data-path data/cityscapes --resume-from auto
+Fine-tune mmsegmentation's Cityscapes model on your own classes (all but the classifiers load):
+    python train.py --data-path data/mine --load-from bisenetv1_r18-d32_..._cityscapes.pth
 
 Writes into --work-dir: train.log, metrics.jsonl (one JSON line per log), iter_N.pth every
---ckpt-interval, latest.pth, best.pth (best validation mIoU). Checkpoints hold plain data only,
-load with torch.load(weights_only=True), and are what eval.py --ckpt reads.
+--ckpt-interval, latest.pth, best.pth (best validation mIoU). Checkpoints hold plain data only
+(the weights, the class names and colours, the state of the run), load with
+torch.load(weights_only=True), and are what eval.py --ckpt reads.
 """
 import argparse
 import json
@@ -41,7 +46,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     # data
     parser.add_argument('--data-path', '--data_path', help='Cityscapes root (leftImg8bit/, '
-                        'gtFine/ with raw *_labelIds.png); with --demo: default a generated set')
+                        'gtFine/ with raw *_labelIds.png) or your own (classes.txt, images/, '
+                        'labels/); with --demo: default a generated set')
     parser.add_argument('--work-dir', default='output', help='logs and checkpoints go here')
     parser.add_argument('--workers', type=int, default=4, help='data loading processes per device')
     parser.add_argument('--cache-dir', help='decode each image once into this folder and '
@@ -69,7 +75,8 @@ def get_args_parser():
                              'is apex O1; O2\'s fp16 master weights have no equivalent), O0 none')
     # weights
     parser.add_argument('--pretrained', help='ImageNet ResNet weights (torchvision file format)')
-    parser.add_argument('--load-from', help='start from these weights (ours or mmsegmentation\'s)')
+    parser.add_argument('--load-from', help='start from these weights (ours or mmsegmentation\'s; '
+                        'of another class count: all but the classifiers)')
     parser.add_argument('--resume-from', help='checkpoint to continue exactly, or "auto" for '
                         'WORK_DIR/latest.pth when it exists')
     parser.add_argument('--trust-pickle', action='store_true',
@@ -115,7 +122,8 @@ def check_args(args):
     if args.warmup_iters < 0 or args.workers < 0:
         raise bisenet.SetupError('--warmup-iters and --workers cannot be negative')
     if args.data_path is None and not args.demo:
-        raise bisenet.SetupError('--data-path is required (Cityscapes root), or --demo')
+        raise bisenet.SetupError('--data-path is required (a Cityscapes root or a data set of '
+                                 'your own), or --demo')
     if args.resume_from and args.resume_from != 'auto' and not Path(args.resume_from).is_file():
         raise bisenet.SetupError(f'--resume-from {args.resume_from} does not exist; give an '
                                  f'existing checkpoint or "auto"')
@@ -153,6 +161,19 @@ def criterion(outputs, label):
                                reduction='sum')
         losses.append(loss / label.numel())
     return losses
+
+
+def padding_share(sizes, crop_size, ratio_range=(0.5, 2.0), steps=64):
+    """The share of a training crop that is padding (ignored), on average over images of these
+    (w, h) sizes and the rescale ratios TrainTransform draws: a crop larger than the rescaled
+    image is filled with ignored pixels."""
+    crop_h, crop_w = crop_size
+    ratios = ratio_range[0] + (np.arange(steps) + 0.5) / steps * (ratio_range[1] - ratio_range[0])
+    sizes = np.array(sizes, np.float64)[:, None, :]
+    scaled_w = np.floor(sizes[..., 0] * ratios + 0.5)
+    scaled_h = np.floor(sizes[..., 1] * ratios + 0.5)
+    covered = np.minimum(scaled_w, crop_w) * np.minimum(scaled_h, crop_h) / (crop_w * crop_h)
+    return float(1 - covered.mean())
 
 
 def divergence(nonfinite_steps, weights_finite, loss_scaling, scale):
@@ -212,23 +233,51 @@ def train(args, runtime, stop):
         if runtime.distributed:
             torch.distributed.barrier()
     # The photometric distortion and normalisation run batched on the device, in the loop.
-    train_set = bisenet.Cityscapes(args.data_path, 'train',
-                                   bisenet.TrainTransform(args.crop_size, on_device=True),
-                                   cache_dir=args.cache_dir)
+    train_set = bisenet.SegmentationDataset(
+        args.data_path, 'train', bisenet.TrainTransform(args.crop_size, on_device=True),
+        cache_dir=args.cache_dir)
     validate = not (args.no_validate or args.perf or args.prof)
-    val_set = (bisenet.Cityscapes(args.data_path, 'val', bisenet.EvalTransform(on_device=True),
-                                  cache_dir=args.cache_dir) if validate else None)
+    val_set = (bisenet.SegmentationDataset(args.data_path, 'val',
+                                           bisenet.EvalTransform(on_device=True),
+                                           cache_dir=args.cache_dir) if validate else None)
+    # A quick look at the labels (every one of a small set), the same on every rank: a wrong
+    # label value costs one line now, not a crash hours into the run.
     for dataset in (train_set, val_set):
-        if dataset is not None and dataset.cache_note:
+        if dataset is None:
+            continue
+        found = bisenet.survey(dataset.layout, dataset.split, dataset.samples, limit=200,
+                               processes=args.workers)
+        if found['problems']:
+            raise bisenet.DatasetError(found['problems'][0]
+                                       + bisenet.more(found['problems'], args.data_path))
+        if dataset is train_set:
+            for warning in found['warnings']:
+                log(f'warning: {warning}')
+            smaller = np.mean([w < args.crop_size[1] or h < args.crop_size[0]
+                               for w, h in found['sizes']])
+            if smaller > 0.5:
+                log(f'note: the crop {args.crop_size[0]}x{args.crop_size[1]} is larger than '
+                    f'{100 * smaller:.0f}% of the training images: on average '
+                    f'{100 * padding_share(found["sizes"], args.crop_size):.0f}% of each crop '
+                    f'will be padding (ignored pixels); a smaller --crop-size wastes less')
+        if dataset.cache_note:
             log(dataset.cache_note)
 
     # -- model -------------------------------------------------------------------------------
     torch.manual_seed(args.seed)                 # the same initial weights on every process
-    model = bisenet.BiSeNetV1(19, args.backbone)
+    model = bisenet.BiSeNetV1(len(train_set.classes), args.backbone, train_set.classes,
+                              train_set.palette)
     if args.pretrained:
         bisenet.load_imagenet_backbone(model, args.pretrained)
     if args.load_from:
-        bisenet.load_checkpoint(model, args.load_from, args.trust_pickle)
+        # Another class count: every weight but the classifiers, which start as a new model's.
+        state_dict = bisenet.read_state_dict(args.load_from, args.trust_pickle)
+        bisenet.load_state_dict(model, state_dict, args.load_from, new_classes=True)
+        theirs = state_dict['decode_head.conv_seg.weight'].shape[0]
+        if theirs != model.num_classes:
+            log(f'--load-from {args.load_from}: loaded every weight but the three classifiers '
+                f'(conv_seg of the decode and both auxiliary heads: {theirs} classes there, '
+                f'{model.num_classes} here), which start as a new model\'s')
     if runtime.type != 'cpu':
         # SyncBN where the reference has it (ResNet and heads; the BiSeNet layers keep plain
         # BN); SyncBatchNorm has no CPU kernel, and with one process it acts as BN.
@@ -283,7 +332,8 @@ def train(args, runtime, stop):
         f'({runtime.backend}), {runtime.precision}; global batch {global_batch} '
         f'({args.batch_size} per device), crop {args.crop_size[0]}x{args.crop_size[1]}, '
         f'{args.iters} iterations, SGD lr {args.lr} (warmup {args.warmup_iters}, poly 0.9 to '
-        f'1e-4), {len(train_set)} training images from {args.data_path}')
+        f'1e-4), {len(train_set)} training images from {args.data_path}, '
+        f'{model.num_classes} classes')
     if global_batch != 16 and not args.demo:
         log('note: the reference recipe uses a global batch of 16 with lr 0.025')
 
@@ -292,7 +342,9 @@ def train(args, runtime, stop):
             return
         state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                  'scaler': scaler.state_dict(), 'iteration': iteration, 'best_miou': best_miou,
-                 'args': vars(args)}
+                 'args': vars(args), 'meta': {'dataset_meta': {   # as mmsegmentation writes it
+                     'classes': list(model.classes),
+                     'palette': [list(colour) for colour in model.palette]}}}
         for name in names:
             save_checkpoint(state, work_dir / name)
 
@@ -411,7 +463,7 @@ def train(args, runtime, stop):
                 else None                       # the demo's colour pictures, at its end
             metrics = evaluate(model, val_set, runtime, show_dir=show_dir,
                                workers=min(args.workers, 2), log=log)
-            log(format_table(metrics, bisenet.CLASSES))
+            log(format_table(metrics, model.classes))
             if metrics_file:
                 metrics_file.write(json.dumps({'iter': iteration, 'mIoU': metrics['mIoU'],
                                                'mAcc': metrics['mAcc'],
