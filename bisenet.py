@@ -536,13 +536,18 @@ def class_meta(num_classes, classes=None, palette=None):
 
 def read_classes(path):
     """classes.txt: one class a line, in train-id order, as 'NAME' or 'NAME R G B' (names may
-    hold spaces); 'ignore: [NAME] R G B' names a colour whose pixels are ignored; lines starting
-    with '#' are comments. Returns (names, colours, ignore colours, whether every class has a
-    colour of its own: what reading colour labels needs)."""
-    names, colours, ignored = [], [], []
+    hold spaces); 'ignore: [NAME] R G B' names a colour whose pixels are ignored; a line
+    'reduce_zero_label' says that index labels count from 1 with 0 ignored (ADE20K, as
+    mmsegmentation's option of that name); lines starting with '#' are comments. Returns
+    (names, colours, ignore colours, whether every class has a colour of its own: what reading
+    colour labels needs, the id table of index labels or None)."""
+    names, colours, ignored, id_table = [], [], [], None
     for number, line in enumerate(path.read_text(encoding='utf-8-sig').splitlines(), 1):
         line = line.strip()
         if not line or line.startswith('#'):
+            continue
+        if line == 'reduce_zero_label':
+            id_table = [IGNORE_INDEX] + list(range(254)) + [IGNORE_INDEX]
             continue
         ignore = line.lower().startswith('ignore:')
         words = (line[len('ignore:'):] if ignore else line).split()
@@ -573,7 +578,15 @@ def read_classes(path):
             raise DatasetError(f'{path} lists the {what} {repeated[0]} twice: each must be unique')
     defaults = iter(default_palette(colours.count(None), taken=set(colours) | set(ignored)))
     palette = tuple(colour or next(defaults) for colour in colours)
-    return tuple(names), palette, tuple(ignored), None not in colours
+    return tuple(names), palette, tuple(ignored), None not in colours, id_table
+
+
+def exif_orientation(image):
+    """The EXIF orientation of an opened image file (1: as stored), from its header: a PNG that
+    keeps its EXIF after the pixels counts as unturned, since finding it there means decoding."""
+    if image.format == 'PNG' and 'exif' not in image.info:
+        return 1
+    return image.getexif().get(EXIF_ORIENTATION, 1)
 
 
 def open_image(path):
@@ -581,7 +594,7 @@ def open_image(path):
     reference); also the size it has before that turn."""
     image = Image.open(path)
     stored_size = image.size
-    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+    if exif_orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
     image.load()
     return (image if image.mode == 'RGB' else image.convert('RGB')), stored_size
@@ -625,9 +638,10 @@ class Layout:
 
     Your own: ROOT/classes.txt (read_classes), ROOT/images/SPLIT/**/NAME.{png,jpg,jpeg} and
     ROOT/labels/SPLIT/**/NAME.png, the same relative path and stem. ADE20K's names work too:
-    annotations/ for labels/, training/ and validation/ for train/ and val/. A label is an index
-    image (mode L or P: the value, a palette PNG's index, is the train id; 255 = ignore) or an
-    RGB image in classes.txt's colours.
+    annotations/ for labels/, training/ and validation/ for train/ and val/ (and its labels that
+    count from 1: 'reduce_zero_label' in classes.txt). A label is an index image (mode L or P:
+    the value, a palette PNG's index, is the train id; 255 = ignore) or an RGB image in
+    classes.txt's colours.
     """
 
     SPLIT_ALIASES = {'train': 'training', 'val': 'validation'}
@@ -639,7 +653,7 @@ class Layout:
         self.cityscapes = (root / 'leftImg8bit').is_dir() or (root / 'gtFine').is_dir()
         if self.cityscapes:
             self.classes, self.palette, self.ignore_colours = CLASSES, PALETTE, ()
-            self.classes_file, self.reads_colours = None, True
+            self.classes_file, self.reads_colours, self.id_table = None, True, None
             return
         self.classes_file = root / 'classes.txt'
         if not self.classes_file.is_file():
@@ -648,7 +662,7 @@ class Layout:
                                    f'one per line in train-id order (README: "Your own data set")')
             raise DatasetError(f'{root} holds neither Cityscapes (leftImg8bit/, gtFine/) nor a '
                                f'data set of your own (classes.txt, images/, labels/)')
-        self.classes, self.palette, self.ignore_colours, self.reads_colours = \
+        self.classes, self.palette, self.ignore_colours, self.reads_colours, self.id_table = \
             read_classes(self.classes_file)
 
     def folder(self, kind, split):
@@ -686,7 +700,7 @@ class Layout:
                 problems.append(f'{label} is a JPEG label: JPEG compression invents label values '
                                 f'at every edge; save labels as PNG')
             else:
-                samples.append((image, label, None))
+                samples.append((image, label, self.id_table))
                 names.append(name)
         problems += [f'label without an image: {label} (expected {image_dir}/{name}.png or .jpg)'
                      for name, label in labels.items() if name not in images]
@@ -714,11 +728,13 @@ class Layout:
             raise DatasetError(f'no *_leftImg8bit.png images under {image_dir}')
         return samples, names, problems
 
-    def read_label(self, path, id_table=None):
+    def read_label(self, path, id_table=None, pixels=True):
         """A label file as train ids, a PIL image of mode L (or P: its indices), and their
         histogram (256 counts). Index labels hold train ids, or with `id_table` ids to map
         (Cityscapes' labelIds); RGB labels are read by classes.txt's colours. Anything that
-        is neither a class nor 255 raises DatasetError naming the file."""
+        is neither a class nor 255 raises DatasetError naming the file. With pixels=False only
+        the histogram is made, at about a decode's cost, and the label comes back as stored
+        (its size is right, its values need not be ids): what a check needs."""
         try:
             label = Image.open(path)
             label.load()
@@ -728,13 +744,18 @@ class Layout:
             raise DatasetError(f'{path} is a JPEG file: JPEG compression invents label values at '
                                f'every edge; save labels as PNG')
         if label.mode in ('RGB', 'RGBA'):
-            return self.read_colours(path, label)
+            return self.read_colours(path, label, pixels)
         if label.mode not in ('L', 'P'):
             label = index_image(label, path)
-        if id_table is not None:
-            label = label.point(id_table) if label.mode == 'L' else \
-                Image.fromarray(np.array(id_table, np.uint8)[np.asarray(label)])
         counts = label.histogram()
+        if id_table is not None:            # the table applied to the histogram, then the pixels
+            mapped = [0] * 256
+            for value, count in enumerate(counts):
+                mapped[id_table[value]] += count
+            counts = mapped
+            if pixels:
+                label = label.point(id_table) if label.mode == 'L' else \
+                    Image.fromarray(np.array(id_table, np.uint8)[np.asarray(label)])
         bad = [value for value in range(len(self.classes), IGNORE_INDEX) if counts[value]]
         if bad:
             share = sum(counts[v] for v in bad) / (label.width * label.height)
@@ -748,7 +769,7 @@ class Layout:
         return (f'{source} {len(self.classes)} classes: labels hold 0-{len(self.classes) - 1}, '
                 f'or 255 for pixels to ignore')
 
-    def read_colours(self, path, label):
+    def read_colours(self, path, label, pixels=True):
         """An RGB label mapped through classes.txt's colours (read_label)."""
         if not self.reads_colours:
             raise DatasetError(f'{path} is a colour (RGB) label, but classes.txt does not give '
@@ -757,20 +778,37 @@ class Layout:
         if len(self.classes) > UNLISTED:
             raise DatasetError(f'{path} is a colour label, but colour labels can name at most '
                                f'{UNLISTED} classes: save labels as index PNGs')
-        rgb = label.convert('RGB').tobytes() + b'\0'
-        # Each pixel's three bytes, read as one little-endian number: R | G << 8 | B << 16.
-        packed = np.ndarray((label.width * label.height,), '<u4', rgb, 0, (3,)) & 0xFFFFFF
-        train_ids = colour_table(self.palette, self.ignore_colours).take(packed)
-        ids = Image.fromarray(train_ids.reshape(label.height, label.width))
-        counts = ids.histogram()
-        if counts[UNLISTED]:
-            colours, number = np.unique(packed[train_ids == UNLISTED], return_counts=True)
-            worst = int(colours[number.argmax()])
-            colour = (worst & 255, worst >> 8 & 255, worst >> 16)
+        rgb = label if label.mode == 'RGB' else label.convert('RGB')
+        # Without pixels, Pillow counts the colours (a hash table in C, fast); with them, or
+        # where a label has too many colours to list, every pixel goes through colour_table.
+        colours = None if pixels else rgb.getcolors(maxcolors=1024)
+        if colours is None:
+            # Each pixel's three bytes, read as one little-endian number: R | G << 8 | B << 16.
+            packed = np.ndarray((rgb.width * rgb.height,), '<u4', rgb.tobytes() + b'\0', 0,
+                                (3,)) & 0xFFFFFF
+            train_ids = colour_table(self.palette, self.ignore_colours).take(packed)
+            ids = Image.fromarray(train_ids.reshape(rgb.height, rgb.width))
+            counts = ids.histogram()
+            unlisted = []
+            if counts[UNLISTED]:
+                values, number = np.unique(packed[train_ids == UNLISTED], return_counts=True)
+                unlisted = [(int(n), (int(v) & 255, int(v) >> 8 & 255, int(v) >> 16))
+                            for v, n in zip(values, number)]
+        else:
+            listed = dict(zip(self.palette, range(len(self.palette))))
+            listed.update((colour, IGNORE_INDEX) for colour in self.ignore_colours)
+            counts, unlisted, ids = [0] * 256, [], label
+            for number, colour in colours:
+                if colour in listed:
+                    counts[listed[colour]] += number
+                else:
+                    unlisted.append((number, colour))
+        if unlisted:
+            number, colour = max(unlisted)
             raise DatasetError(f'{path} holds the colour {colour}, which classes.txt does not '
-                               f'list, in {number.max() / packed.size:.2%} of its pixels'
-                               + (f' ({len(colours) - 1} more unlisted colours)'
-                                  if len(colours) > 1 else '')
+                               f'list, in {number / (rgb.width * rgb.height):.2%} of its pixels'
+                               + (f' ({len(unlisted) - 1} more unlisted colours)'
+                                  if len(unlisted) > 1 else '')
                                + f'; add it as a class or as "ignore: NAME {colour[0]} '
                                  f'{colour[1]} {colour[2]}"')
         return ids, counts
@@ -797,11 +835,11 @@ def look_at(layout, sample):
         try:
             with Image.open(image_path) as image:
                 stored_size = image.size
-                turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+                turned = exif_orientation(image) in (5, 6, 7, 8)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise DatasetError(f'cannot read {image_path}: {e}') from None
         size = stored_size[::-1] if turned else stored_size
-        label, counts = layout.read_label(label_path, id_table)
+        label, counts = layout.read_label(label_path, id_table, pixels=False)
         problem = size_problem(image_path, size, stored_size, label_path, label.size)
         if problem:
             raise DatasetError(problem)

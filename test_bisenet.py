@@ -572,9 +572,9 @@ def test_classes_file_names_colours_defaults_and_ignore_colours(tmp_path):
     path = tmp_path / 'classes.txt'
     path.write_text('# comment\nback ground\ntraffic light 250 170 30\n\nignore: void 0 0 0\n'
                     'pole 3\n')
-    names, palette, ignored, all_coloured = bisenet.read_classes(path)
+    names, palette, ignored, all_coloured, id_table = bisenet.read_classes(path)
     assert names == ('back ground', 'traffic light', 'pole 3') and ignored == ((0, 0, 0),)
-    assert palette[1] == (250, 170, 30) and not all_coloured
+    assert palette[1] == (250, 170, 30) and not all_coloured and id_table is None
     assert len(set(palette)) == 3 and (0, 0, 0) not in palette       # distinct defaults
     assert bisenet.read_classes(path)[1] == palette                   # and fixed
     for text, words in (('a 1 2 3\nb 1 2 3\n', r'colour \(1, 2, 3\) twice'), ('a\na\n', 'name a twice'),
@@ -639,6 +639,8 @@ def test_every_label_problem_is_named_with_the_file(tmp_path):
     Image.fromarray(colours).save(root / 'labels' / 'train' / 'bad.png')
     [problem] = problems_of(root)
     assert 'colour (1, 2, 3), which classes.txt does not list, in 3.33%' in problem
+    with pytest.raises(bisenet.DatasetError, match=r'colour \(1, 2, 3\).* in 3.33%'):
+        bisenet.SegmentationDataset(root)[0]                       # read pixel by pixel
     (root / 'labels' / 'train' / 'bad.png').unlink()
     Image.fromarray(np.zeros((30, 40), np.uint8)).save(root / 'labels' / 'train' / 'bad.jpg')
     [problem] = problems_of(root)
@@ -668,6 +670,16 @@ def test_every_label_problem_is_named_with_the_file(tmp_path):
     (root / 'labels' / 'val').mkdir()
     with pytest.raises(bisenet.DatasetError, match='the split is empty'):
         bisenet.SegmentationDataset(root, 'val')
+
+
+def test_ade20k_names_and_labels_that_count_from_one(tmp_path):
+    (tmp_path / 'classes.txt').write_text('reduce_zero_label\nwall\nfloor\n')
+    label = np.array([[0, 1, 2, 255]] * 30, np.uint8).repeat(10, 1)
+    write_own(tmp_path, 'ADE_train_1', label=label, split='training')
+    (tmp_path / 'labels').rename(tmp_path / 'annotations')
+    dataset = bisenet.SegmentationDataset(tmp_path, 'train')
+    assert dataset.names == ['ADE_train_1']
+    assert dataset[0][1][0].tolist() == [255] * 10 + [0] * 10 + [1] * 10 + [255] * 10
 
 
 def test_binary_masks_saved_as_0_and_255_are_named(tmp_path):
