@@ -64,7 +64,8 @@ def get_args_parser():
     parser.add_argument('--out-dir', help='write label PNGs here (Cityscapes: labelIds; '
                         'other classes: palette PNGs of train ids)')
     parser.add_argument('--show-dir', help='write colour pictures of the predictions here')
-    parser.add_argument('--json', help='write {"mIoU", "mAcc", "aAcc", "per_class"} here')
+    parser.add_argument('--json', help='write {"mIoU", "mAcc", "aAcc", "per_class": IoU by '
+                        'class name, "per_class_acc": Acc by class name} here')
     parser.add_argument('--device', choices=('auto', 'npu', 'cuda', 'cpu'), default='auto')
     parser.add_argument('--device_list', help='Ascend scripts\' device ids, e.g. 0,1,2,3')
     parser.add_argument('--amp', action='store_true', help='autocast (NPU/CUDA only)')
@@ -114,6 +115,16 @@ def summarize(confusion_matrix):
             'aAcc': 100 * (intersection.sum() / label_area.sum().clamp(min=1)).item(),
             'IoU': (100 * iou).tolist(), 'Acc': (100 * acc).tolist(),
             'pixels': int(label_area.sum())}
+
+
+def metrics_record(metrics, class_names):
+    """The metrics as plain JSON data, each class's IoU and Acc under its name (null for a
+    class absent from labels and predictions): what eval.py --json and train.py's
+    metrics.jsonl write."""
+    def named(values):
+        return {name: None if np.isnan(v) else v for name, v in zip(class_names, values)}
+    return {'mIoU': metrics['mIoU'], 'mAcc': metrics['mAcc'], 'aAcc': metrics['aAcc'],
+            'per_class': named(metrics['IoU']), 'per_class_acc': named(metrics['Acc'])}
 
 
 def format_table(metrics, class_names):
@@ -668,9 +679,8 @@ def main(argv=None):
             return
         runtime.print0(format_table(metrics, names))
         if args.json and runtime.rank == 0:
-            result = {k: metrics[k] for k in ('mIoU', 'mAcc', 'aAcc')}
-            result['per_class'] = dict(zip(names, metrics['IoU']))
-            Path(args.json).write_text(json.dumps(result, indent=2) + '\n')
+            Path(args.json).write_text(json.dumps(metrics_record(metrics, names), indent=2)
+                                       + '\n')
     except (bisenet.CheckpointError, bisenet.DatasetError, bisenet.SetupError) as e:
         sys.exit(f'error: {bisenet.one_line(e)}')
     except Exception as e:

@@ -716,9 +716,13 @@ def test_train_on_own_data_then_eval_with_its_names_and_colours(own_data, tmp_pa
                  '--workers', 2, '--work-dir', work)
     assert '4 classes' in result.stdout and 'side walk' in result.stdout
     best = torch.load(work / 'best.pth', weights_only=True)
-    assert best['meta']['dataset_meta'] == {'classes': ['sky', 'building', 'side walk', 'road'],
-                                            'palette': [list(c) for c in OWN_COLOURS]}
+    dataset_meta = best['meta']['dataset_meta']
+    assert dataset_meta == {'classes': ['sky', 'building', 'side walk', 'road'],
+                            'palette': [list(c) for c in OWN_COLOURS]}
     trained = [line for line in result.stdout.splitlines() if line.startswith('mIoU')][-1]
+    record = json.loads((work / 'metrics.jsonl').read_text().splitlines()[-1])
+    assert record['iter'] == 8 and list(record['per_class']) == list(dataset_meta['classes'])
+    assert set(record['per_class_acc']) == set(record['per_class'])
     evaluated = run('eval.py', '--ckpt', work / 'best.pth', '--data-path', own_data, '--device',
                     'cpu', '--workers', 0, '--out-dir', tmp_path / 'out', '--show-dir',
                     tmp_path / 'show')

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eval import evaluate, format_table, make_profiler
+from eval import evaluate, format_table, make_profiler, metrics_record
 
 # What --demo changes, unless given on the command line: a CPU-sized schedule.
 DEMO_DEFAULTS = dict(iters=300, batch_size=8, crop_size=[128], workers=2, log_interval=25,
@@ -465,9 +465,9 @@ def train(args, runtime, stop):
                                workers=min(args.workers, 2), log=log)
             log(format_table(metrics, model.classes))
             if metrics_file:
-                metrics_file.write(json.dumps({'iter': iteration, 'mIoU': metrics['mIoU'],
-                                               'mAcc': metrics['mAcc'],
-                                               'aAcc': metrics['aAcc']}) + '\n')
+                metrics_file.write(json.dumps(dict({'iter': iteration},
+                                                   **metrics_record(metrics, model.classes)))
+                                   + '\n')
             if metrics['mIoU'] > best_miou:
                 best_miou = metrics['mIoU']
                 checkpoint(iteration, ['best.pth'])
