@@ -204,10 +204,12 @@ def shard(size, runtime):
 
 @torch.no_grad()
 def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None,
-             show_dir=None, workers=4, log=print, profiler=None, limit=None):
+             show_dir=None, workers=4, log=print, profiler=None, limit=None, keep_pictures=()):
     """Run `model` over `dataset` (a SegmentationDataset of EvalTransform(on_device=True)
     items; its first `limit` images, if given) in this process's shard and return the metrics
-    of the counts summed over all processes. Outputs are named and coloured by the dataset."""
+    of the counts summed over all processes. Outputs are named and coloured by the dataset.
+    metrics['pictures'] holds the prediction_picture of each image of `keep_pictures` (dataset
+    indices) in this process's shard, by name."""
     was_training = model.training
     model.eval()
     num_classes = model.num_classes
@@ -217,7 +219,7 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
         **runtime.loader_options())
     label_ids = bisenet.LABEL_IDS if dataset.layout.cityscapes else None
     total = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
-    progress = Progress('[eval]', size, runtime, log)
+    progress, pictures = Progress('[eval]', size, runtime, log), {}
     for step, (index, (image, label)) in enumerate(zip(loader.sampler, loader)):
         image = image.to(runtime.device, non_blocking=True)
         label = label.to(runtime.device, non_blocking=True).long()
@@ -226,18 +228,23 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
             scores = predict(model, x, num_classes, mode, aug_test)
         pred = scores.argmax(1)
         total += confusion(pred, label, num_classes)
-        if out_dir or show_dir:
+        keep = index in keep_pictures
+        if out_dir or show_dir or keep:
             name = dataset.name(index)
-            save_prediction(pred[0].cpu().numpy(), image[0],
+            pred_ids, truth = pred[0].cpu().numpy(), label[0].cpu().numpy()
+            save_prediction(pred_ids, image[0],
                             f'{name}_leftImg8bit.png' if label_ids else f'{name}.png',
                             f'{name}.png', out_dir, show_dir, dataset.classes, dataset.palette,
-                            label[0].cpu().numpy(), label_ids)
+                            truth, label_ids)
+            if keep:
+                pictures[name] = prediction_picture(pred_ids, image[0], dataset.classes,
+                                                    dataset.palette, truth)
         if profiler is not None:
             profiler.step()
         progress.step(step, len(loader))
     runtime.all_reduce(total)
     model.train(was_training)
-    return summarize(total.cpu())
+    return dict(summarize(total.cpu()), pictures=pictures)
 
 
 class Progress:
@@ -286,16 +293,22 @@ def save_prediction(pred, image, out_name, show_name, out_dir, show_dir, classes
     if show_dir:
         path = Path(show_dir) / show_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        rgb = image.permute(1, 2, 0).cpu().numpy()
-        present = np.bincount(pred.ravel(), minlength=256)
-        if label is None:
-            panels = [(0.5 * rgb + 0.5 * colourize(pred, palette)).astype(np.uint8)]
-            captions = ['prediction']
-        else:
-            panels = [rgb, colourize(pred, palette), colourize(label, palette)]
-            captions = ['image', 'prediction', 'ground truth']
-            present = present + np.bincount(label.ravel(), minlength=256)
-        picture(panels, captions, np.flatnonzero(present[:256]), classes, palette).save(path)
+        prediction_picture(pred, image, classes, palette, label).save(path)
+
+
+def prediction_picture(pred, image, classes, palette, label=None):
+    """What --show-dir writes (and train.py --tensorboard shows): image | prediction | ground
+    truth, or without a label the prediction over the image; captioned, with a legend."""
+    rgb = image.permute(1, 2, 0).cpu().numpy()
+    present = np.bincount(pred.ravel(), minlength=256)
+    if label is None:
+        panels = [(0.5 * rgb + 0.5 * colourize(pred, palette)).astype(np.uint8)]
+        captions = ['prediction']
+    else:
+        panels = [rgb, colourize(pred, palette), colourize(label, palette)]
+        captions = ['image', 'prediction', 'ground truth']
+        present = present + np.bincount(label.ravel(), minlength=256)
+    return picture(panels, captions, np.flatnonzero(present[:256]), classes, palette)
 
 
 def picture(panels, captions, train_ids, classes, palette):

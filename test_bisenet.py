@@ -1165,6 +1165,57 @@ def test_kill_then_auto_resume_and_sigterm(data, tmp_path):
     assert torch.load(tmp_path / 'latest.pth', weights_only=True)['iteration'] == stopped + 2
 
 
+def read_events(folder):
+    """Every scalar's and picture's steps, in the order the event files hold them, read with
+    TensorBoard's own event file reader (no purging of orphaned steps: what is on disk)."""
+    loader = pytest.importorskip('tensorboard.backend.event_processing.event_file_loader')
+    scalars, pictures = {}, {}
+    for path in sorted(Path(folder).glob('events.out.tfevents.*')):
+        for event in loader.EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                kind = pictures if value.metadata.plugin_data.plugin_name == 'images' else scalars
+                kind.setdefault(value.tag, []).append(event.step)
+    return scalars, pictures
+
+
+def test_tensorboard_curves_and_pictures_continue_after_a_kill_and_resume(own_data, tmp_path):
+    pytest.importorskip('tensorboard')
+    args = [sys.executable, str(HERE / 'train.py'), '--data-path', str(own_data), '--device',
+            'cpu', '--crop-size', '64', '--batch-size', '2', '--workers', '0', '--iters', '40',
+            '--val-interval', '20', '--ckpt-interval', '20', '--log-interval', '4',
+            '--work-dir', str(tmp_path), '--tensorboard']
+    process = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    log = tmp_path / 'train.log'
+    while time.time() < deadline and not (log.exists() and 'iter 28/40' in log.read_text()):
+        time.sleep(0.05)
+    process.kill()                                     # kill -9 between the two validations
+    process.wait()
+    result = run('train.py', *args[2:], '--resume-from', 'auto')
+    assert f'tensorboard --logdir {tmp_path / "tensorboard"}' in result.stdout
+    scalars, pictures = read_events(tmp_path / 'tensorboard')
+    for tag in ('train/loss', 'train/loss_decode', 'train/lr', 'train/images_per_s'):
+        assert scalars[tag] == list(range(4, 41, 4)), tag       # each step once, in order
+    for tag in ('val/mIoU', 'val/aAcc', 'val/IoU/side_walk', 'val/Acc/road'):
+        assert scalars[tag] == [20, 40], tag
+    assert len(pictures) == 4 and all(steps == [20, 40] for steps in pictures.values())
+    records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['iter'] for r in records if 'loss' in r] == scalars['train/loss']    # no doubles
+    assert [r['iter'] for r in records if 'per_class' in r] == [20, 40]
+    assert 'side walk' in records[-1]['per_class']
+
+
+def test_tensorboard_without_the_package_is_one_line(data, tmp_path):
+    (tmp_path / 'tensorboard.py').write_text('raise ImportError("no tensorboard here")\n')
+    env = dict(ENV, PYTHONPATH=f'{tmp_path}{os.pathsep}{HERE}')
+    result = subprocess.run([sys.executable, str(HERE / 'train.py'), *map(str, TINY),
+                             '--data-path', str(data), '--iters', '2', '--tensorboard',
+                             '--work-dir', str(tmp_path / 'work')], env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert_one_line_error(result, 'pip install tensorboard')
+    assert not (tmp_path / 'work').exists()
+
+
 def test_train_with_a_cache_says_where_and_how_large(data, tmp_path):
     result = run('train.py', *TINY, '--data-path', data, '--iters', 2, '--workers', 1,
                  '--work-dir', tmp_path / 'run', '--cache-dir', tmp_path / 'cache')

@@ -16,14 +16,18 @@ Resume after a stop or preemption (SIGTERM/SIGINT save latest.pth first):
 Fine-tune mmsegmentation's Cityscapes model on your own classes (all but the classifiers load):
     python train.py --data-path data/mine --load-from bisenetv1_r18-d32_..._cityscapes.pth
 
-Writes into --work-dir: train.log, metrics.jsonl (one JSON line per log), iter_N.pth every
---ckpt-interval, latest.pth, best.pth (best validation mIoU). Checkpoints hold plain data only
+Writes into --work-dir: train.log, metrics.jsonl (one JSON line per log and per validation),
+iter_N.pth every --ckpt-interval, latest.pth, best.pth (best validation mIoU), and with
+--tensorboard the curves and validation pictures in tensorboard/ (tensorboard --logdir
+WORK_DIR/tensorboard). Checkpoints hold plain data only
 (the weights, the class names and colours, the state of the run), load with
 torch.load(weights_only=True), and are what eval.py --ckpt reads.
 """
 import argparse
 import json
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -86,6 +90,8 @@ def get_args_parser():
     parser.add_argument('--val-interval', type=int, default=16000)
     parser.add_argument('--ckpt-interval', type=int, default=16000)
     parser.add_argument('--log-interval', type=int, default=50)
+    parser.add_argument('--tensorboard', action='store_true', help='write TensorBoard curves and '
+                        'validation pictures to WORK_DIR/tensorboard (pip install tensorboard)')
     # modes
     parser.add_argument('--perf', action='store_true', help='performance test: a short run '
                         '(default 100 iters), no validation or checkpoints; ends "FPS: N"')
@@ -133,6 +139,12 @@ def check_args(args):
     if args.resume_from and args.load_from:
         raise bisenet.SetupError('--resume-from and --load-from exclude each other: resume '
                                  'continues a run, load-from starts one from weights')
+    if args.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise bisenet.SetupError('--tensorboard needs the tensorboard package: pip install '
+                                     'tensorboard') from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,6 +203,58 @@ def divergence(nonfinite_steps, weights_finite, loss_scaling, scale):
     return None
 
 
+# ----------------------------------------------------------------------------------------------
+# Outputs: checkpoints and TensorBoard events
+# ----------------------------------------------------------------------------------------------
+
+
+def open_tensorboard(folder, start_iter):
+    """A SummaryWriter into `folder` whose curves continue at start_iter + 1: the events a
+    killed or earlier run wrote after start_iter are dropped first (each file is rewritten
+    without them), so that no step is there twice or goes backwards."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    from torch.utils.tensorboard import SummaryWriter
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(folder.glob('events.out.tfevents.*')):
+        kept = [event for event in EventFileLoader(str(path)).Load()
+                if not event.HasField('file_version') and event.step <= start_iter]
+        if kept:                              # written beside, then renamed over the original
+            staging = folder / 'rewrite'
+            shutil.rmtree(staging, ignore_errors=True)
+            writer = EventFileWriter(str(staging))
+            for event in kept:
+                writer.add_event(event)
+            writer.close()
+            os.replace(next(staging.glob('events.out.tfevents.*')), path)
+            staging.rmdir()
+        else:
+            path.unlink()
+    return SummaryWriter(str(folder))
+
+
+def keep_records_until(path, iteration):
+    """Rewrite metrics.jsonl (atomically) without its records after `iteration`, and without
+    a last line that a kill cut short."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)['iter'] <= iteration:
+                kept.append(line + '\n')
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(''.join(kept))
+    os.replace(tmp, path)
+
+
+def tag_name(name):
+    """A class name as TensorBoard takes it in a tag (it would rename it with a warning)."""
+    return re.sub(r'[^\w./-]', '_', name)
+
+
 def save_checkpoint(state, path):
     """Write atomically: a kill during the save leaves the previous file intact."""
     tmp = path.with_name(path.name + '.tmp')
@@ -217,7 +281,6 @@ def train(args, runtime, stop):
     if runtime.rank == 0:
         bisenet.make_dir(work_dir, '--work-dir')
     log_file = open(work_dir / 'train.log', 'a') if runtime.rank == 0 else None
-    metrics_file = open(work_dir / 'metrics.jsonl', 'a') if runtime.rank == 0 else None
 
     def log(message):
         if runtime.rank == 0:
@@ -336,6 +399,23 @@ def train(args, runtime, stop):
         f'{model.num_classes} classes')
     if global_batch != 16 and not args.demo:
         log('note: the reference recipe uses a global batch of 16 with lr 0.025')
+
+    # metrics.jsonl and TensorBoard, on rank 0, continue at start_iter + 1: what a killed run
+    # wrote after its last checkpoint is dropped, so that no step is there twice. TensorBoard
+    # gets the curves of the log and of validation, and pictures of the same few validation
+    # images each time, spread over rank 0's share of the split (evaluate()).
+    metrics_file, board, shown = None, None, ()
+    if runtime.rank == 0:
+        keep_records_until(work_dir / 'metrics.jsonl', start_iter)
+        metrics_file = open(work_dir / 'metrics.jsonl', 'a')
+    if args.tensorboard and runtime.rank == 0:
+        board = open_tensorboard(work_dir / 'tensorboard', start_iter)
+        log(f'TensorBoard events in {work_dir / "tensorboard"}; to watch: tensorboard --logdir '
+            f'{work_dir / "tensorboard"}')
+        if val_set is not None:
+            first_shard = range(0, len(val_set), runtime.world_size)
+            shown = {first_shard[int(i)] for i in np.linspace(0, len(first_shard) - 1,
+                                                              min(4, len(first_shard)))}
 
     def checkpoint(iteration, names):
         if runtime.rank != 0:
@@ -456,18 +536,34 @@ def train(args, runtime, stop):
             if metrics_file:
                 metrics_file.write(json.dumps(record) + '\n')
                 metrics_file.flush()
+            if board:
+                for key, value in record.items():
+                    if key not in ('iter', 'eta_s'):
+                        board.add_scalar(f'train/{key}', value, iteration)
+                board.flush()
             window = new_window()
 
         if val_due:
             show_dir = work_dir / 'demo_predictions' if args.demo and iteration == args.iters \
                 else None                       # the demo's colour pictures, at its end
             metrics = evaluate(model, val_set, runtime, show_dir=show_dir,
-                               workers=min(args.workers, 2), log=log)
+                               workers=min(args.workers, 2), log=log, keep_pictures=shown)
             log(format_table(metrics, model.classes))
+            record = dict({'iter': iteration}, **metrics_record(metrics, model.classes))
             if metrics_file:
-                metrics_file.write(json.dumps(dict({'iter': iteration},
-                                                   **metrics_record(metrics, model.classes)))
-                                   + '\n')
+                metrics_file.write(json.dumps(record) + '\n')
+                metrics_file.flush()
+            if board:
+                for key in ('mIoU', 'mAcc', 'aAcc'):
+                    board.add_scalar(f'val/{key}', record[key], iteration)
+                for key, tag in (('per_class', 'IoU'), ('per_class_acc', 'Acc')):
+                    for name, value in record[key].items():
+                        if value is not None:       # a class absent from labels and predictions
+                            board.add_scalar(f'val/{tag}/{tag_name(name)}', value, iteration)
+                for name, picture in metrics['pictures'].items():
+                    board.add_image(f'val/pictures/{name}', np.asarray(picture), iteration,
+                                    dataformats='HWC')
+                board.flush()
             if metrics['mIoU'] > best_miou:
                 best_miou = metrics['mIoU']
                 checkpoint(iteration, ['best.pth'])
@@ -478,6 +574,8 @@ def train(args, runtime, stop):
             checkpoint(iteration, ['latest.pth'])
             log(f'stopped by signal at iteration {iteration}: saved latest.pth; continue '
                 f'with --resume-from auto')
+            if board:
+                board.close()
             return
         runtime.forbid_syncs(args.sync_debug)
 
@@ -486,6 +584,8 @@ def train(args, runtime, stop):
         measured = iteration - start_iter - perf_warmup
         fps = measured * global_batch / (time.time() - perf_start)
         log(f'FPS: {fps:.2f}')
+    if board:
+        board.close()
     if args.demo and validate:
         log(f'demo done: mIoU {metrics["mIoU"]:.2f} on {len(val_set)} synthetic val images; '
             f'pictures in {work_dir / "demo_predictions"}, checkpoints in {work_dir}')
