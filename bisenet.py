@@ -1494,7 +1494,14 @@ class Runtime:
         self.backend = {'npu': 'hccl', 'cuda': 'nccl', 'cpu': 'gloo'}[device]
         self.distributed = self.world_size > 1
         if self.distributed:
-            torch.distributed.init_process_group(self.backend)
+            # Each torchrun round (--max-restarts) in a store namespace of its own: torchrun
+            # keeps its store across a restart, and a restarted gloo group would otherwise
+            # read the dead round's addresses and fail to connect.
+            store, rank, world_size = next(torch.distributed.rendezvous('env://'))
+            restart = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+            store = torch.distributed.PrefixStore(f'bisenet/round{restart}/', store)
+            torch.distributed.init_process_group(self.backend, store=store, rank=rank,
+                                                 world_size=world_size)
         self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[amp_dtype] if amp else None
         self.precision = amp_dtype if amp else 'fp32'
         # channels_last is unsupported on NPU; it pays at inference on CPU and CUDA, and in

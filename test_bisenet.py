@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -953,6 +954,14 @@ def test_eval_bad_input(data, tmp_path):
                           f'--json {junk}: cannot create this folder')
 
 
+def test_prof_test_writes_what_it_profiles(data, checkpoint, tmp_path):
+    result = run('eval.py', '--ckpt', checkpoint, '--data-path', data, '--device', 'cpu',
+                 '--workers', 0, '--prof_test', '--prof-dir', tmp_path / 'prof', '--out-dir',
+                 tmp_path / 'out')
+    assert 'profile trace written' in result.stdout and any((tmp_path / 'prof').iterdir())
+    assert len(list((tmp_path / 'out').rglob('*_leftImg8bit.png'))) == 4
+
+
 def test_a_split_without_labelled_pixels_skips_the_metrics(tmp_path, checkpoint):
     for i in range(2):                            # like Cityscapes' test split: raw id 0 only
         write_pair(tmp_path / 'data', 'test', f'berlin/berlin_{i:06d}_000019', value=0)
@@ -1228,6 +1237,169 @@ def test_torchrun_two_processes(data, tmp_path):
                       '--work-dir', tmp_path, '--val-interval', 4)
     assert 'x 2 process(es) (gloo)' in result.stdout and 'global batch 4' in result.stdout
     assert torch.load(tmp_path / 'latest.pth', weights_only=True)['iteration'] == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults: a full disk, a second run, a broken checkpoint, a dead worker or rank, several hosts
+# ----------------------------------------------------------------------------------------------
+
+FAULT_RUN = [*TINY, '--iters', 16, '--ckpt-interval', 4, '--workers', 0]
+
+
+def processes(*words, rank=None):
+    """The pids of the processes whose command line holds every word (and, with rank, whose
+    RANK is that): how a test finds a DataLoader worker or one torchrun rank to kill."""
+    found = []
+    for entry in Path('/proc').iterdir():
+        try:
+            cmdline = (entry / 'cmdline').read_bytes().replace(b'\0', b' ').decode()
+            environ = (entry / 'environ').read_bytes().split(b'\0')
+        except (OSError, ValueError):
+            continue
+        if all(str(w) in cmdline for w in words) and \
+                (rank is None or f'RANK={rank}'.encode() in environ):
+            found.append(int(entry.name))
+    return found
+
+
+def wait_for_line(path, text, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (path.exists() and text in path.read_text()):
+        time.sleep(0.05)
+    assert path.exists() and text in path.read_text(), f'{text!r} never appeared in {path}'
+
+
+@pytest.fixture(scope='module')
+def two_process_weights(data, tmp_path_factory):
+    """The final weights of FAULT_RUN on one node with two processes."""
+    work = tmp_path_factory.mktemp('two_processes')
+    torchrun('train.py', *FAULT_RUN, '--data-path', data, '--work-dir', work)
+    return torch.load(work / 'latest.pth', weights_only=True)['model']
+
+
+def assert_same_weights(path, weights):
+    final = torch.load(path, weights_only=True)['model']
+    assert all(torch.equal(final[k], weights[k]) for k in weights)
+
+
+def test_torchrun_restarts_a_job_whose_rank_was_killed_and_ends_with_the_same_weights(
+        data, tmp_path, two_process_weights):
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+               '--nproc_per_node=2', '--max-restarts=1', str(HERE / 'train.py'),
+               *map(str, FAULT_RUN), '--data-path', str(data), '--work-dir', str(tmp_path),
+               '--resume-from', 'auto']
+    job = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    wait_for_line(tmp_path / 'train.log', 'iter 10/16')
+    [rank1] = processes('train.py', tmp_path, rank=1)
+    os.kill(rank1, signal.SIGKILL)
+    out, err = job.communicate(timeout=240)
+    assert job.returncode == 0, err[-3000:]
+    assert 'resumed from' in out and 'Traceback' not in err
+    # the survivor's last words: one line, not gloo's traceback
+    assert 'error: another process of this job died' in err and 'Connection reset' not in err
+    assert_same_weights(tmp_path / 'latest.pth', two_process_weights)
+
+
+def test_two_nodes_on_one_host_end_with_the_weights_of_one_node(data, tmp_path,
+                                                                two_process_weights):
+    with socket.socket() as probe:                       # a free port for the rendezvous
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2',
+                               f'--node_rank={node}', '--nproc_per_node=1',
+                               '--master_addr=127.0.0.1', f'--master_port={port}',
+                               str(HERE / 'train.py'), *map(str, FAULT_RUN), '--data-path',
+                               str(data), '--work-dir', str(tmp_path)],
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for node in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=240)
+        assert node.returncode == 0, err[-3000:]
+    assert_same_weights(tmp_path / 'latest.pth', two_process_weights)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_last_checkpoint_resumes(data, tmp_path):
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    # A real full disk: a 300 MB tmpfs holds two checkpoints (107 MB each) but not a third.
+    if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=300m', 'tmpfs',
+                                            str(disk)], capture_output=True).returncode != 0:
+        pytest.skip('mounting a small disk needs root')
+    try:
+        result = run('train.py', *TINY, '--data-path', data, '--iters', 6, '--ckpt-interval', 2,
+                     '--workers', 0, '--work-dir', disk, check=False)
+        assert_one_line_error(result, f'cannot write the checkpoint {disk / "iter_4.pth"}',
+                              'MB are free there')
+        assert not list(disk.glob('*.tmp'))
+        assert train.read_resumable(disk / 'latest.pth')['iteration'] == 2
+        assert train.read_resumable(disk / 'iter_2.pth')['iteration'] == 2
+    finally:
+        subprocess.run(['umount', '-l', str(disk)])
+
+
+def test_a_checkpoint_write_that_fails_midway_leaves_no_temporary_file(tmp_path, monkeypatch):
+    target = tmp_path / 'latest.pth'
+    target.write_bytes(b'the previous checkpoint')
+
+    def full_disk(state, path):
+        Path(path).write_bytes(b'half a checkpoint')
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 9 vs 8')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(bisenet.CheckpointError, match='latest.pth .the write failed.: it needs'):
+        train.save_checkpoint({'w': torch.zeros(1000)}, target)
+    assert target.read_bytes() == b'the previous checkpoint'
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_a_second_run_in_a_live_work_dir_is_refused_and_a_killed_one_leaves_no_lock(data,
+                                                                                  tmp_path):
+    first = subprocess.Popen([sys.executable, str(HERE / 'train.py'), *map(str, TINY),
+                              '--data-path', str(data), '--iters', '100000', '--workers', '0',
+                              '--work-dir', str(tmp_path)], env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    wait_for_line(tmp_path / 'train.log', 'iter 2/')
+    start = time.time()
+    second = run('train.py', *TINY, '--data-path', data, '--iters', 2, '--workers', 0,
+                 '--work-dir', tmp_path, check=False)
+    assert time.time() - start < 30
+    assert_one_line_error(second, f'{tmp_path} is in use by another training run',
+                          f'pid {first.pid} on {socket.gethostname()}', '--work-dir')
+    wait_for_line(tmp_path / 'train.log', 'iter 6/')        # the first run goes on, unharmed
+    assert first.poll() is None and (tmp_path / 'train.log').read_text().count('BiSeNetV1') == 1
+    first.kill()                                            # kill -9: no time to unlock
+    first.wait()
+    run('train.py', *TINY, '--data-path', data, '--iters', 2, '--workers', 0,
+        '--work-dir', tmp_path)
+
+
+def test_auto_resume_skips_checkpoints_that_cannot_be_read(data, tmp_path):
+    common = [*TINY, '--data-path', data, '--ckpt-interval', 2, '--workers', 0,
+              '--work-dir', tmp_path]
+    run('train.py', *common, '--iters', 4)
+    (tmp_path / 'latest.pth').write_bytes((tmp_path / 'latest.pth').read_bytes()[:1000])
+    result = run('train.py', *common, '--iters', 6, '--resume-from', 'auto')
+    assert f'skipped {tmp_path / "latest.pth"}: cannot read checkpoint' in result.stdout
+    assert f'resumed from {tmp_path / "iter_4.pth"} at iteration 4' in result.stdout
+    for path in tmp_path.glob('*.pth'):
+        path.write_bytes(b'junk')
+    assert_one_line_error(run('train.py', *common, '--iters', 8, '--resume-from', 'auto',
+                              check=False), 'none of the 4 checkpoints', 'can be read')
+
+
+def test_a_killed_data_worker_ends_the_run_in_one_line(data, tmp_path):
+    job = subprocess.Popen([sys.executable, str(HERE / 'train.py'), *map(str, TINY),
+                            '--data-path', str(data), '--iters', '100000', '--workers', '1',
+                            '--ckpt-interval', '2', '--work-dir', str(tmp_path)], env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_line(tmp_path / 'train.log', 'iter 4/')
+    [worker] = [pid for pid in processes('train.py', tmp_path) if pid != job.pid]
+    os.kill(worker, signal.SIGKILL)                          # as the out-of-memory killer does
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0 and 'Traceback' not in err
+    [line] = err.strip().splitlines()
+    assert line.startswith('error: a data-loading worker died') and 'fewer --workers' in line
+    assert f'last checkpoint: {tmp_path / "latest.pth"}' in line
 
 
 def test_demo_on_a_tiny_budget(tmp_path):

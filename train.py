@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:
+    import fcntl                                 # the work dir's lock; POSIX only
+except ImportError:
+    fcntl = None
 
 from eval import evaluate, format_table, make_profiler, metrics_record
 
@@ -256,10 +262,129 @@ def tag_name(name):
 
 
 def save_checkpoint(state, path):
-    """Write atomically: a kill during the save leaves the previous file intact."""
+    """Write atomically: a kill during the save leaves the previous file intact. A checkpoint
+    that cannot be written (a full disk, a quota, no permission) raises CheckpointError naming
+    the file, the bytes it needs and those free, with its temporary file removed and every
+    checkpoint written before untouched; where the disk is already too full, before writing."""
     tmp = path.with_name(path.name + '.tmp')
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    needed = tensor_bytes(state) + 2 ** 20          # the tensors, and a MiB for the rest
+    free = shutil.disk_usage(path.parent).free
+    reason = None if free >= needed else 'not enough free space'
+    if reason is None:
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+            return
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            # torch's writer reports a short write (a full disk) as a RuntimeError of its own;
+            # anything else (a DataLoader worker's death, raised from a signal) is not ours
+            written = isinstance(e, OSError) or isinstance(e, RuntimeError) and any(
+                where in str(e) for where in ('inline_container', 'PytorchStreamWriter'))
+            if not written:
+                raise
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else 'the write failed'
+            free = shutil.disk_usage(path.parent).free
+    raise bisenet.CheckpointError(
+        f'cannot write the checkpoint {path} ({reason}): it needs {needed / 1e6:.1f} MB and '
+        f'{free / 1e6:.1f} MB are free there; the checkpoints written before are intact: free '
+        f'some space (or give another --work-dir) and continue with --resume-from auto')
+
+
+def tensor_bytes(state):
+    """The bytes of the tensors in a checkpoint's nested dicts and lists."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
+
+
+def read_resumable(path):
+    """A checkpoint that train.py can continue (model, optimizer, iteration), or
+    CheckpointError."""
+    ckpt = bisenet.load_file(path)
+    if not isinstance(ckpt, dict) or 'optimizer' not in ckpt or 'iteration' not in ckpt:
+        raise bisenet.CheckpointError(f'{path} is not a train.py checkpoint to resume (use '
+                                      f'--load-from for weights only)')
+    return ckpt
+
+
+def checkpoints_newest_first(work_dir):
+    """latest.pth, then iter_N.pth from the highest N down: the order to resume in."""
+    numbered = [(int(p.stem[5:]), p) for p in work_dir.glob('iter_*.pth') if p.stem[5:].isdigit()]
+    paths = [work_dir / 'latest.pth'] + [p for _, p in sorted(numbered, reverse=True)]
+    return [p for p in paths if p.is_file()]
+
+
+def newest_resumable(work_dir, log):
+    """--resume-from auto: (path, checkpoint) of the newest checkpoint in the work dir that
+    loads, each one skipped named in the log with its reason; (None, None) if there is none."""
+    candidates = checkpoints_newest_first(work_dir)
+    for path in candidates:
+        try:
+            ckpt = read_resumable(path)
+            log(f'--resume-from auto: resuming from {path}')
+            return path, ckpt
+        except bisenet.CheckpointError as e:
+            log(f'--resume-from auto: skipped {path}: {bisenet.one_line(e)}')
+    if candidates:
+        raise bisenet.CheckpointError(f'--resume-from auto: none of the {len(candidates)} '
+                                      f'checkpoints in {work_dir} can be read (named above): '
+                                      f'resume from a copy, or start afresh in another --work-dir')
+    log(f'--resume-from auto: no checkpoint in {work_dir}, starting fresh')
+    return None, None
+
+
+def hold_work_dir(work_dir, runtime):
+    """One run per work dir: rank 0 takes an exclusive lock on WORK_DIR/train.lock for as long
+    as the process lives (the kernel drops it when the process dies, kill -9 included, so it
+    never goes stale), and every rank learns whether another run holds it. Returns the lock's
+    open file, to be kept."""
+    verdict, lock = None, None
+    if runtime.rank == 0 and fcntl is not None:
+        lock = open(work_dir / 'train.lock', 'a+')
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f'{socket.gethostname()} {os.getpid()}\n')
+            lock.flush()
+        except OSError:
+            lock.seek(0)
+            host, pid = (lock.read().split() + ['?', '?'])[:2]
+            lock.close()
+            verdict = (f'{work_dir} is in use by another training run (pid {pid} on {host}): '
+                       f'stop that run, or give this one another --work-dir')
+    if runtime.distributed:
+        shared = [verdict]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        verdict = shared[0]
+    if verdict:
+        raise bisenet.SetupError(verdict)
+    return lock
+
+
+def fault_line(error, args):
+    """One line for a fault that ends a run from outside the code (a killed data worker, a
+    dead peer process), with what to do; None for any other error."""
+    message = str(error).strip()
+    checkpoints = checkpoints_newest_first(Path(args.work_dir))
+    resume = f'{checkpoints[0]}' if checkpoints else 'none yet'
+    if 'DataLoader worker' in message:
+        return (f'a data-loading worker died ("{message.splitlines()[-1]}"), most likely killed for memory '
+                f'by the out-of-memory killer: run with fewer --workers, or with --cache-dir '
+                f'(decoded images shared through the page cache), and continue with '
+                f'--resume-from auto (last checkpoint: {resume})')
+    peer_lost = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe')
+    if isinstance(error, getattr(torch.distributed, 'DistBackendError', ())) \
+            or any(text in message for text in peer_lost):
+        return (f'another process of this job died, and with it the connection to its peers; '
+                f'under torchrun --max-restarts the job restarts and --resume-from auto '
+                f'continues from the last checkpoint ({resume})')
+    return None
 
 
 def main(argv=None):
@@ -271,6 +396,11 @@ def main(argv=None):
         train(args, runtime, stop)
     except (bisenet.SetupError, bisenet.DatasetError, bisenet.CheckpointError) as e:
         sys.exit(f'error: {bisenet.one_line(e)}')
+    except RuntimeError as e:
+        line = fault_line(e, args) if runtime is not None else None
+        if line is None:
+            raise
+        sys.exit(f'error: {line}')
     finally:
         if runtime is not None:
             runtime.close(finished=sys.exc_info()[0] is None)
@@ -280,6 +410,7 @@ def train(args, runtime, stop):
     work_dir = Path(args.work_dir)
     if runtime.rank == 0:
         bisenet.make_dir(work_dir, '--work-dir')
+    lock = hold_work_dir(work_dir, runtime)     # noqa: F841 (held while this function runs)
     log_file = open(work_dir / 'train.log', 'a') if runtime.rank == 0 else None
 
     def log(message):
@@ -357,15 +488,10 @@ def train(args, runtime, stop):
     start_iter, best_miou = 0, -1.0
     resume = args.resume_from
     if resume == 'auto':
-        latest = work_dir / 'latest.pth'
-        resume = latest if latest.is_file() else None
-        log(f'--resume-from auto: resuming from {latest}' if resume else
-            f'--resume-from auto: no {latest}, starting fresh')
+        resume, ckpt = newest_resumable(work_dir, log)
+    elif resume:
+        ckpt = read_resumable(resume)
     if resume:
-        ckpt = bisenet.load_file(resume)
-        if not isinstance(ckpt, dict) or 'optimizer' not in ckpt or 'iteration' not in ckpt:
-            raise bisenet.CheckpointError(f'{resume} is not a train.py checkpoint to resume '
-                                          f'(use --load-from for weights only)')
         bisenet.load_state_dict(model, ckpt['model'], source=str(resume))
         kernels = [{k: g[k] for k in ('foreach', 'fused') if k in g}
                    for g in optimizer.param_groups]
