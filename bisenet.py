@@ -719,11 +719,14 @@ class Layout:
             name = image.relative_to(image_dir).as_posix()[:-len('_leftImg8bit.png')]
             raw = label_dir / f'{name}_gtFine_labelIds.png'
             train = label_dir / f'{name}_gtFine_labelTrainIds.png'
-            if raw.is_file() or train.is_file():
-                samples.append((image, raw, TRAIN_IDS_LIST) if raw.is_file() else (image, train, None))
-                names.append(name)
+            if raw.is_file():
+                samples.append((image, raw, TRAIN_IDS_LIST))    # raw ids, mapped as they load
+            elif train.is_file():
+                samples.append((image, train, None))
             else:
                 problems.append(f'label missing for {image}: expected {raw}')
+                continue
+            names.append(name)
         if not samples and not problems:
             raise DatasetError(f'no *_leftImg8bit.png images under {image_dir}')
         return samples, names, problems

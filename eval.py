@@ -458,8 +458,8 @@ def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=
 class Deployable(nn.Module):
     """The exported interface: 'image' uint8 RGB (N, H, W, 3), any size, as images come from a
     decoder -> 'labels' uint8 (N, H, W) train ids (0 to C-1 for C classes), and with
-    logits=True also 'logits' float32 (N, C, H, W). Normalisation is inside; resizing to fit 2048 x 1024 is the
-    caller's, as it is eval.py's."""
+    logits=True also 'logits' float32 (N, C, H, W). Normalisation is inside; resizing to fit
+    2048 x 1024 is the caller's, as it is eval.py's."""
 
     def __init__(self, model, logits=False):
         super().__init__()

@@ -88,7 +88,7 @@ def get_args_parser():
     parser.add_argument('--load-from', help='start from these weights (ours or mmsegmentation\'s; '
                         'of another class count: all but the classifiers)')
     parser.add_argument('--resume-from', help='checkpoint to continue exactly, or "auto" for '
-                        'WORK_DIR/latest.pth when it exists')
+                        'the newest one of WORK_DIR that loads (latest.pth, else iter_N.pth)')
     parser.add_argument('--trust-pickle', action='store_true',
                         help='load weight files that hold pickled objects (runs their code)')
     # schedule of side jobs
@@ -339,11 +339,13 @@ def newest_resumable(work_dir, log):
 
 
 def hold_work_dir(work_dir, runtime):
-    """One run per work dir: rank 0 takes an exclusive lock on WORK_DIR/train.lock for as long
-    as the process lives (the kernel drops it when the process dies, kill -9 included, so it
-    never goes stale), and every rank learns whether another run holds it. Returns the lock's
-    open file, to be kept."""
+    """One run per work dir: rank 0 creates it and takes an exclusive lock on
+    WORK_DIR/train.lock until the lock's file is closed or the process dies (the kernel drops
+    it then, kill -9 included, so it never goes stale), and every rank learns whether another
+    run holds it. Returns the lock's open file (None on ranks > 0)."""
     verdict, lock = None, None
+    if runtime.rank == 0:
+        bisenet.make_dir(work_dir, '--work-dir')
     if runtime.rank == 0 and fcntl is not None:
         lock = open(work_dir / 'train.lock', 'a+')
         try:
@@ -374,10 +376,10 @@ def fault_line(error, args):
     checkpoints = checkpoints_newest_first(Path(args.work_dir))
     resume = f'{checkpoints[0]}' if checkpoints else 'none yet'
     if 'DataLoader worker' in message:
-        return (f'a data-loading worker died ("{message.splitlines()[-1]}"), most likely killed for memory '
-                f'by the out-of-memory killer: run with fewer --workers, or with --cache-dir '
-                f'(decoded images shared through the page cache), and continue with '
-                f'--resume-from auto (last checkpoint: {resume})')
+        return (f'a data-loading worker died ("{message.splitlines()[-1]}"), most likely '
+                f'killed for memory by the out-of-memory killer: run with fewer --workers, or '
+                f'with --cache-dir (decoded images shared through the page cache), and continue '
+                f'with --resume-from auto (last checkpoint: {resume})')
     peer_lost = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe')
     if isinstance(error, getattr(torch.distributed, 'DistBackendError', ())) \
             or any(text in message for text in peer_lost):
@@ -389,10 +391,11 @@ def fault_line(error, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime, stop = None, {'signal': None}
+    runtime, lock, stop = None, None, {'signal': None}
     try:
         check_args(args)
         runtime = bisenet.Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
+        lock = hold_work_dir(Path(args.work_dir), runtime)
         train(args, runtime, stop)
     except (bisenet.SetupError, bisenet.DatasetError, bisenet.CheckpointError) as e:
         sys.exit(f'error: {bisenet.one_line(e)}')
@@ -402,15 +405,14 @@ def main(argv=None):
             raise
         sys.exit(f'error: {line}')
     finally:
+        if lock is not None:
+            lock.close()                            # and with it the work dir's lock
         if runtime is not None:
             runtime.close(finished=sys.exc_info()[0] is None)
 
 
 def train(args, runtime, stop):
-    work_dir = Path(args.work_dir)
-    if runtime.rank == 0:
-        bisenet.make_dir(work_dir, '--work-dir')
-    lock = hold_work_dir(work_dir, runtime)     # noqa: F841 (held while this function runs)
+    work_dir = Path(args.work_dir)                # made and locked by hold_work_dir
     log_file = open(work_dir / 'train.log', 'a') if runtime.rank == 0 else None
 
     def log(message):
