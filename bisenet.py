@@ -24,6 +24,7 @@ one copy.
     python bisenet.py --bench-data ROOT --cache-dir DIR   # ... and with a warm decoded cache
 """
 import argparse
+import concurrent.futures
 import functools
 import inspect
 import json
@@ -865,8 +866,14 @@ def survey(layout, split, samples, limit=None, processes=1):
     if processes > 1 and len(samples) > 1:
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context('fork' if 'fork' in methods else None)
-        with context.Pool(min(processes, len(samples))) as pool:
-            results = pool.map(work, samples, chunksize=max(1, len(samples) // (processes * 4)))
+        chunk = max(1, len(samples) // (processes * 4))
+        try:        # an executor, not a Pool: a killed process fails the map instead of hanging
+            with concurrent.futures.ProcessPoolExecutor(min(processes, len(samples)),
+                                                        mp_context=context) as pool:
+                results = list(pool.map(work, samples, chunksize=chunk))
+        except concurrent.futures.process.BrokenProcessPool:
+            raise SetupError(f'a process looking at the {split} labels died (killed, most '
+                             f'likely for memory): run again, or with fewer --workers') from None
     else:
         results = [work(sample) for sample in samples]
     pixels, sizes, problems = np.zeros(256, np.int64), [], []
