@@ -614,6 +614,9 @@ def size_problem(image_path, size, stored_size, label_path, label_size):
     return problem
 
 
+UNLISTED = 254      # a colour classes.txt does not list (never a class: read_classes takes 254)
+
+
 @functools.lru_cache(maxsize=2)
 def colour_table(palette, ignore_colours):
     """Lookup from a colour packed as R | G << 8 | B << 16 to its train id (255 for the ignore
@@ -624,9 +627,6 @@ def colour_table(palette, ignore_colours):
     for r, g, b in ignore_colours:
         table[r | g << 8 | b << 16] = IGNORE_INDEX
     return table
-
-
-UNLISTED = 254      # a colour classes.txt does not list (colour labels hold at most 254 classes)
 
 
 class Layout:
@@ -779,9 +779,6 @@ class Layout:
             raise DatasetError(f'{path} is a colour (RGB) label, but classes.txt does not give '
                                f'every class a colour: add R G B after each name, or save labels '
                                f'as index PNGs (mode L or P)')
-        if len(self.classes) > UNLISTED:
-            raise DatasetError(f'{path} is a colour label, but colour labels can name at most '
-                               f'{UNLISTED} classes: save labels as index PNGs')
         rgb = label if label.mode == 'RGB' else label.convert('RGB')
         # Without pixels, Pillow counts the colours (a hash table in C, fast); with them, or
         # where a label has too many colours to list, every pixel goes through colour_table.
@@ -1650,7 +1647,7 @@ def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_
         print(f'worker with a warm cache: {warm * 1e3:6.1f} ms per image ({warm / worker:.2f} x '
               f'the uncached worker, {warm / decode:.2f} x the decode)')
     samples = [dataset.samples[i] for i in indices]
-    processes = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    processes = all_cores()
     times = {'bare label decode': [], 'label check': []}
     with multiprocessing.get_context().Pool(processes) as pool:
         jobs = {'bare label decode': decode_label_file,
@@ -1665,6 +1662,11 @@ def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_
           f'against {bare * 1e3:.2f} ms for a bare decode of the label ({check / bare:.2f} x)')
 
 
+def all_cores():
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
 def decode_label_file(sample):
     """A bare decode of a sample's label file: what benchmark_data compares the check with."""
     with Image.open(sample[1]) as label:
@@ -1676,8 +1678,7 @@ def check_data(root, splits=('train', 'val'), processes=None):
     cores. Prints per split the images, their sizes, each class's share of the pixels and
     every problem; returns the number of problems."""
     layout = Layout(root)
-    processes = processes or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-                              else os.cpu_count())
+    processes = processes or all_cores()
     source = f'from {layout.classes_file}' if layout.classes_file else '(the Cityscapes layout)'
     print(f'{root}: {len(layout.classes)} classes {source}')
     total, start, looked = 0, time.perf_counter(), 0
