@@ -32,6 +32,8 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
+import sys
 import time
 import warnings
 import zipfile
@@ -39,6 +41,11 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+try:
+    import resource                      # peak memory on CPU; POSIX only
+except ImportError:
+    resource = None
 
 
 def numpy_problem(torch_version, numpy_version):
@@ -865,8 +872,9 @@ def survey(layout, split, samples, limit=None, processes=1):
         context = multiprocessing.get_context('fork' if 'fork' in methods else None)
         chunk = max(1, len(samples) // (processes * 4))
         try:        # an executor, not a Pool: a killed process fails the map instead of hanging
-            with concurrent.futures.ProcessPoolExecutor(min(processes, len(samples)),
-                                                        mp_context=context) as pool:
+            with concurrent.futures.ProcessPoolExecutor(
+                    min(processes, len(samples)), mp_context=context,     # Ctrl-C: the caller's
+                    initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
                 results = list(pool.map(work, samples, chunksize=chunk))
         except concurrent.futures.process.BrokenProcessPool:
             raise SetupError(f'a process looking at the {split} labels died (killed, most '
@@ -1448,6 +1456,24 @@ def import_torch_npu():
         return None
 
 
+def init_worker(worker_id=None):
+    """A DataLoader worker's worker_init_fn. The worker gets a process group of its own, so
+    that a signal to the trainer's group (Ctrl-C in a terminal, torchrun's or a scheduler's
+    SIGTERM) reaches the trainer alone, which stops at a sync point and ends its workers
+    itself: torch's workers die of a SIGTERM from anyone but their parent, and the trainer
+    would fail at its next batch instead of saving. A worker whose trainer died (kill -9) exits
+    by itself, as always, and quietly: a broken connection in its background threads (the
+    batch being handed over when the trainer died) is no error of its own to print."""
+    if hasattr(os, 'setpgid'):
+        os.setpgid(0, 0)
+    excepthook = sys.excepthook
+
+    def quiet_about_broken_connections(kind, value, traceback):
+        if not issubclass(kind, ConnectionError):
+            excepthook(kind, value, traceback)
+    sys.excepthook = quiet_about_broken_connections
+
+
 class Runtime:
     """Where and how this process runs: device, rank, world size, autocast and grad scaling.
 
@@ -1565,14 +1591,14 @@ class Runtime:
         return torch.optim.SGD(parameters, **kwargs)
 
     def loader_options(self):
-        """DataLoader arguments that pin batches on an accelerator, so that copies to it do not
-        block. Before torch.accelerator (2.6) the DataLoader pins for CUDA only unless told the
-        device; without pinning torch_npu even synchronises the stream at each copy."""
-        if self.type == 'cpu':
-            return {'pin_memory': False}
+        """DataLoader arguments: batches pinned on an accelerator, so that copies to it do not
+        block (before torch.accelerator, 2.6, the DataLoader pins for CUDA only unless told the
+        device; without pinning torch_npu even synchronises the stream at each copy), and
+        workers in a process group of their own (init_worker)."""
+        options = {'pin_memory': self.type != 'cpu', 'worker_init_fn': init_worker}
         if self.type == 'npu' and not hasattr(torch, 'accelerator'):
-            return {'pin_memory': True, 'pin_memory_device': 'npu'}
-        return {'pin_memory': True}
+            options['pin_memory_device'] = 'npu'
+        return options
 
     def forbid_syncs(self, forbid=True):
         """CUDA: make any host-device sync an error while forbidden (torch's sync debug mode);
@@ -1584,10 +1610,16 @@ class Runtime:
         if self.type != 'cpu':
             getattr(torch, self.type).synchronize()
 
-    def max_memory_gb(self):
-        if self.type == 'cpu':
-            return 0.0
-        return getattr(torch, self.type).max_memory_allocated(self.device) / 2 ** 30
+    def peak_memory(self):
+        """(name, GB) of this process's peak memory: on an accelerator the device's peak
+        allocation ('memory_gb'), on CPU, where the tensors live in the process, its peak
+        resident set size ('peak_rss_gb'; Linux counts it in KiB, macOS in bytes)."""
+        if self.type != 'cpu':
+            return 'memory_gb', getattr(torch, self.type).max_memory_allocated(self.device) / 2 ** 30
+        if resource is None:                        # Windows
+            return 'peak_rss_gb', float('nan')
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return 'peak_rss_gb', peak * (1 if sys.platform == 'darwin' else 1024) / 2 ** 30
 
     def all_reduce(self, tensor):
         """Sum `tensor` over all processes, in place (a no-op in one process)."""

@@ -24,6 +24,7 @@ WORK_DIR/tensorboard). Checkpoints hold plain data only
 torch.load(weights_only=True), and are what eval.py --ckpt reads.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -209,6 +210,23 @@ def divergence(nonfinite_steps, weights_finite, loss_scaling, scale):
     return None
 
 
+def due(iteration, args, validate):
+    """What iteration `iteration` (1-based: the number of steps done) does besides its step:
+    (log, validate, save). An iteration that does any of them is a sync point, the only place
+    where the host waits for the device; the last iteration does all three."""
+    last = iteration == args.iters
+    return (iteration % args.log_interval == 0 or last,
+            validate and (iteration % args.val_interval == 0 or last),
+            not args.perf and (iteration % args.ckpt_interval == 0 or last))
+
+
+def next_sync_point(iteration, args, validate):
+    """The first sync point (due()) at or after `iteration`, at most args.iters."""
+    intervals = [args.log_interval] + [args.val_interval] * validate \
+        + [args.ckpt_interval] * (not args.perf)
+    return min([args.iters] + [-(-iteration // n) * n for n in intervals])
+
+
 # ----------------------------------------------------------------------------------------------
 # Outputs: checkpoints and TensorBoard events
 # ----------------------------------------------------------------------------------------------
@@ -339,17 +357,22 @@ def newest_resumable(work_dir, log):
 
 
 def hold_work_dir(work_dir, runtime):
-    """One run per work dir: rank 0 creates it and takes an exclusive lock on
-    WORK_DIR/train.lock until the lock's file is closed or the process dies (the kernel drops
-    it then, kill -9 included, so it never goes stale), and every rank learns whether another
-    run holds it. Returns the lock's open file (None on ranks > 0)."""
+    """One run per work dir: rank 0 creates it and locks WORK_DIR/train.lock until the lock's
+    file is closed or the process dies, and every rank learns whether another run holds it.
+    Returns the lock's open file (None on ranks > 0).
+
+    A POSIX record lock (lockf), not flock: it belongs to this process alone. The data workers,
+    label-survey processes and cache writers forked later inherit the open file, and with flock
+    they would hold the lock on until they noticed their parent's death, refusing a restart
+    right after a kill -9; a record lock is never inherited, and the kernel drops it the moment
+    this process dies, however it dies."""
     verdict, lock = None, None
     if runtime.rank == 0:
         bisenet.make_dir(work_dir, '--work-dir')
     if runtime.rank == 0 and fcntl is not None:
         lock = open(work_dir / 'train.lock', 'a+')
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             lock.seek(0)
             lock.truncate()
             lock.write(f'{socket.gethostname()} {os.getpid()}\n')
@@ -389,37 +412,101 @@ def fault_line(error, args):
     return None
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+    """SIGTERM and SIGINT while training (a scheduler's preemption, Ctrl-C), as a context.
+
+    The first one is answered at once, in one line: the iteration whose sync point will save
+    latest.pth and stop the run (`at`, the first sync point after the steps done so far: all
+    ranks agree there). A second SIGINT quits at once (KeyboardInterrupt, which a checkpoint
+    being written turns into a removed temporary file, never a half-written one); a second
+    SIGTERM changes nothing. The loop keeps `done`, the steps done. Processes forked while it
+    is installed (data workers) inherit it and ignore both signals: Ctrl-C in a terminal
+    reaches them too, and the trainer decides. The previous handlers return on leaving."""
+
+    def __init__(self, done, args, validate, announce):
+        self.done, self.args, self.validate, self.announce = done, args, validate, announce
+        self.at, self.signal, self.pid = None, None, os.getpid()
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if os.getpid() != self.pid:
+            return
+        if self.signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        # Whatever `done` this sees (the step under way, or a sync point already passed), the
+        # loop stops at the first sync point at or after `at`, which is `at` itself.
+        self.signal = signal.Signals(signum).name
+        self.at = next_sync_point(self.done + 1, self.args, self.validate)
+        self.announce(f'{self.signal}: stopping at iteration {self.at}, the next sync point, '
+                      f'after saving latest.pth there'
+                      + ('; Ctrl-C again quits at once, keeping the checkpoints written so far'
+                         if signum == signal.SIGINT else ''))
+
+    def due(self, iteration):
+        """Whether the run stops at this sync point."""
+        return self.at is not None and self.at <= iteration
+
+
 def main(argv=None):
     args = parse_args(argv)
-    runtime, lock, stop = None, None, {'signal': None}
+    runtime, lock = None, None
+    opened = contextlib.ExitStack()          # what train() opens: closed here, however it ends
     try:
         check_args(args)
         runtime = bisenet.Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
         lock = hold_work_dir(Path(args.work_dir), runtime)
-        train(args, runtime, stop)
+        train(args, runtime, opened)
     except (bisenet.SetupError, bisenet.DatasetError, bisenet.CheckpointError) as e:
         sys.exit(f'error: {bisenet.one_line(e)}')
+    except KeyboardInterrupt:
+        checkpoints = checkpoints_newest_first(Path(args.work_dir))
+        print(f'error: interrupted (Ctrl-C); the checkpoints written before are intact (last: '
+              f'{checkpoints[0] if checkpoints else "none yet"}): continue with --resume-from '
+              f'auto', file=sys.stderr, flush=True)
+        sys.exit(130)                               # the shell's status for SIGINT
     except RuntimeError as e:
         line = fault_line(e, args) if runtime is not None else None
         if line is None:
             raise
         sys.exit(f'error: {line}')
     finally:
+        opened.close()
         if lock is not None:
             lock.close()                            # and with it the work dir's lock
         if runtime is not None:
             runtime.close(finished=sys.exc_info()[0] is None)
 
 
-def train(args, runtime, stop):
+def train(args, runtime, opened):
+    """The recipe. Files and handlers it opens go on `opened`, which main() closes."""
     work_dir = Path(args.work_dir)                # made and locked by hold_work_dir
-    log_file = open(work_dir / 'train.log', 'a') if runtime.rank == 0 else None
+    log_file = opened.enter_context(open(work_dir / 'train.log', 'a')) if runtime.rank == 0 \
+        else None
 
     def log(message):
         if runtime.rank == 0:
             print(message, flush=True)
             log_file.write(message + '\n')
             log_file.flush()
+
+    def announce(message):
+        """log() from a signal handler, which may run inside a print: unbuffered writes."""
+        if runtime.rank == 0:
+            for stream in (sys.stdout, log_file):
+                stream.flush()
+                os.write(stream.fileno(), (message + '\n').encode())
 
     # -- data --------------------------------------------------------------------------------
     if args.demo and args.data_path is None:
@@ -504,6 +591,12 @@ def train(args, runtime, stop):
         if fresh_scaler:
             log(fresh_scaler)
         start_iter, best_miou = ckpt['iteration'], ckpt.get('best_miou', -1.0)
+        if start_iter >= args.iters:
+            log(f'{resume} is at iteration {start_iter}: the run is complete (--iters '
+                f'{args.iters}), nothing to train; give a larger --iters to train on')
+            if args.demo and validate:
+                log(demo_result(best_miou, len(val_set), work_dir))
+            return
         log(f'resumed from {resume} at iteration {start_iter}')
 
     ddp_model = model
@@ -518,6 +611,9 @@ def train(args, runtime, stop):
         drop_last=True, persistent_workers=args.workers > 0,   # drop_last: static shapes (NPU)
         **runtime.loader_options())
 
+    # From here on SIGTERM and SIGINT stop the run at a sync point (the data workers, forked at
+    # the first batch, inherit the handler and leave the decision to this process).
+    stop = opened.enter_context(StopRequest(start_iter, args, validate, announce))
     global_batch = args.batch_size * runtime.world_size
     log(f'BiSeNetV1 {args.backbone} on {runtime.device} x {runtime.world_size} process(es) '
         f'({runtime.backend}), {runtime.precision}; global batch {global_batch} '
@@ -535,9 +631,10 @@ def train(args, runtime, stop):
     metrics_file, board, shown = None, None, ()
     if runtime.rank == 0:
         keep_records_until(work_dir / 'metrics.jsonl', start_iter)
-        metrics_file = open(work_dir / 'metrics.jsonl', 'a')
+        metrics_file = opened.enter_context(open(work_dir / 'metrics.jsonl', 'a'))
     if args.tensorboard and runtime.rank == 0:
         board = open_tensorboard(work_dir / 'tensorboard', start_iter)
+        opened.callback(board.close)
         log(f'TensorBoard events in {work_dir / "tensorboard"}; to watch: tensorboard --logdir '
             f'{work_dir / "tensorboard"}')
         if val_set is not None:
@@ -555,9 +652,6 @@ def train(args, runtime, stop):
                      'palette': [list(colour) for colour in model.palette]}}}
         for name in names:
             save_checkpoint(state, work_dir / name)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):     # preemption: finish the step, save, exit
-        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
 
     profiler = make_profiler(runtime, work_dir / 'prof') if args.prof else None
     if profiler is not None:
@@ -609,6 +703,7 @@ def train(args, runtime, stop):
         window['nonfinite'] += ~finite
         window['count'] += 1
         iteration += 1
+        stop.done = iteration
         if profiler is not None:
             profiler.step()
             if iteration - start_iter >= 7:     # the schedule skips one step and warms up one
@@ -620,17 +715,14 @@ def train(args, runtime, stop):
             runtime.synchronize()
             perf_start = time.time()
 
-        log_due = iteration % args.log_interval == 0 or iteration == args.iters
-        val_due = validate and (iteration % args.val_interval == 0 or iteration == args.iters)
-        save_due = not args.perf and (iteration % args.ckpt_interval == 0
-                                      or iteration == args.iters)
+        log_due, val_due, save_due = due(iteration, args, validate)
         if not (log_due or val_due or save_due):
             continue
 
         # -- a sync point: health first, so that no checkpoint ever holds a diverged run -------
         runtime.forbid_syncs(False)
         weights_finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
-        signalled = torch.tensor(int(stop['signal'] is not None), device=runtime.device)
+        signalled = torch.tensor(int(stop.due(iteration)), device=runtime.device)
         status = torch.stack([window['nonfinite'], (~weights_finite).long(), signalled])
         nonfinite, broken_weights, stopping = runtime.all_reduce(status).tolist()
         scale = scaler.get_scale() if loss_scaling == 'dynamic' else None
@@ -651,7 +743,7 @@ def train(args, runtime, stop):
                       'loss_aux16': head_losses[2], 'data_time': window['data'] / window['count'],
                       'step_time': step_time, 'images_per_s': global_batch / step_time,
                       'eta_s': step_time * (args.iters - iteration),
-                      'memory_gb': runtime.max_memory_gb()}
+                      **dict([runtime.peak_memory()])}
             scaling = ''
             if scale is not None:
                 record.update(loss_scale=scale, skipped_steps=skipped)
@@ -660,7 +752,7 @@ def train(args, runtime, stop):
                 f'(decode {head_losses[0]:.4f} aux8 {head_losses[1]:.4f} aux16 '
                 f'{head_losses[2]:.4f})  data {record["data_time"]:.3f}s  step {step_time:.3f}s  '
                 f'{record["images_per_s"]:.1f} img/s  ETA {format_eta(record["eta_s"])}  '
-                f'mem {record["memory_gb"]:.2f} GB{scaling}')
+                f'{memory_line(record)}{scaling}')
             if metrics_file:
                 metrics_file.write(json.dumps(record) + '\n')
                 metrics_file.flush()
@@ -700,10 +792,8 @@ def train(args, runtime, stop):
             checkpoint(iteration, [f'iter_{iteration}.pth', 'latest.pth'])
         if stopping and iteration < args.iters:
             checkpoint(iteration, ['latest.pth'])
-            log(f'stopped by signal at iteration {iteration}: saved latest.pth; continue '
-                f'with --resume-from auto')
-            if board:
-                board.close()
+            log(f'stopped by {stop.signal or "signal"} at iteration {iteration}: saved latest.pth; '
+                f'continue with --resume-from auto')
             return
         runtime.forbid_syncs(args.sync_debug)
 
@@ -712,11 +802,21 @@ def train(args, runtime, stop):
         measured = iteration - start_iter - perf_warmup
         fps = measured * global_batch / (time.time() - perf_start)
         log(f'FPS: {fps:.2f}')
-    if board:
-        board.close()
     if args.demo and validate:
-        log(f'demo done: mIoU {metrics["mIoU"]:.2f} on {len(val_set)} synthetic val images; '
-            f'pictures in {work_dir / "demo_predictions"}, checkpoints in {work_dir}')
+        log(demo_result(metrics['mIoU'], len(val_set), work_dir))
+
+
+def demo_result(miou, val_images, work_dir):
+    return (f'demo done: mIoU {miou:.2f} on {val_images} synthetic val images; pictures in '
+            f'{work_dir / "demo_predictions"}, checkpoints in {work_dir}')
+
+
+def memory_line(record):
+    """The log's memory figure: the device's peak allocations, or on CPU the process's peak
+    resident set (Runtime.peak_memory)."""
+    if 'memory_gb' in record:
+        return f'mem {record["memory_gb"]:.2f} GB'
+    return f'peak RSS {record["peak_rss_gb"]:.2f} GB' if 'peak_rss_gb' in record else ''
 
 
 def format_eta(seconds):
