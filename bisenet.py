@@ -962,10 +962,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         folder, free = self.cache.folder, shutil.disk_usage(self.cache.folder).free
         if missing > free - 2 ** 30:                      # leave the disk a GiB of room
             self.cache = None
-            return (f'decoded-data cache {folder}: {missing / 1e9:.1f} GB more are needed but '
-                    f'{free / 1e9:.1f} GB are free: going without the cache')
-        return (f'decoded-data cache {folder}: {len(self.samples)} images, {total / 1e9:.1f} GB '
-                f'({missing / 1e9:.1f} GB still to write, as each image is first used)')
+            return (f'decoded-data cache {folder}: {size_text(missing)} more are needed but '
+                    f'{size_text(free)} are free: going without the cache')
+        return (f'decoded-data cache {folder}: {len(self.samples)} images, {size_text(total)} '
+                f'({size_text(missing)} still to write, as each image is first used)')
 
     def load(self, index):
         """The RGB image and train-id label of sample `index`: views of its memory-mapped cache
@@ -1006,6 +1006,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 
 Cityscapes = SegmentationDataset     # the name scripts know; Cityscapes is one of its layouts
+
+
+def size_text(size):
+    """A size in bytes for people: GB from a gigabyte on, MB with two decimals below."""
+    return f'{size / 1e9:.1f} GB' if size >= 1e9 else f'{size / 1e6:.2f} MB'
 
 
 def more(problems, root):

@@ -436,7 +436,19 @@ def test_a_truncated_entry_or_a_changed_source_is_rebuilt(data, tmp_path):
 
 
 def test_two_processes_filling_one_cache_at_once(data, tmp_path):
-    script = ('import sys, bisenet\n'
+    # Each writer waits, before it renames its finished entry into place, until the other has
+    # finished the same entry too: both temporary files exist at once, for every entry.
+    script = ('import os, sys, time, bisenet\n'
+              'from pathlib import Path\n'
+              'rename = os.replace\n'
+              'def meet_then_rename(src, dst):\n'
+              '    Path(f"{dst}.ready.{os.getpid()}").touch()\n'
+              '    deadline = time.time() + 60\n'
+              '    while len(list(Path(dst).parent.glob(Path(dst).name + ".ready.*"))) < 2 \\\n'
+              '            and time.time() < deadline:\n'
+              '        time.sleep(0.001)\n'
+              '    rename(src, dst)\n'
+              'os.replace = meet_then_rename\n'
               'd = bisenet.Cityscapes(sys.argv[1], "train", cache_dir=sys.argv[2])\n'
               'for r in range(3):\n'
               '    for i in range(len(d)): d[i]\n')
@@ -444,6 +456,7 @@ def test_two_processes_filling_one_cache_at_once(data, tmp_path):
                                   env=ENV, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for process in processes:
         assert process.wait(timeout=120) == 0, process.stderr.read()
+    assert len(list(tmp_path.rglob('*.ready.*'))) == 2 * 8              # they met at every entry
     assert not list(tmp_path.rglob('*.tmp'))                            # no leftovers
     transform = bisenet.TrainTransform((64, 64), on_device=True)
     cached, plain = cached_and_plain(data, tmp_path, transform)
@@ -689,6 +702,83 @@ def test_every_label_problem_is_named_with_the_file(tmp_path):
         bisenet.SegmentationDataset(root, 'val')
 
 
+def test_the_other_label_messages_and_label_formats(tmp_path):
+    """The README's table, the lines test_every_label_problem... does not make: colour labels
+    without colours, a JPEG behind .png, an image without its label, a class that never
+    occurs; and index labels of 1 bit and of 16 bits."""
+    root = tmp_path / 'data'
+    (root / 'classes.txt').parent.mkdir(parents=True)
+    (root / 'classes.txt').write_text('a\nb\nc\n')
+    write_own(root, 'rgb', label=np.zeros((30, 40, 3), np.uint8))
+    [problem] = problems_of(root)
+    assert 'rgb.png is a colour (RGB) label, but classes.txt does not give every class a ' \
+        'colour' in problem and 'add R G B after each name' in problem
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(root / 'labels' / 'train' / 'rgb.png',
+                                                       format='JPEG')
+    [problem] = problems_of(root)
+    assert 'rgb.png is a JPEG file' in problem and 'save labels as PNG' in problem
+    (root / 'labels' / 'train' / 'rgb.png').unlink()
+    [problem] = problems_of(root)
+    assert problem.startswith('image without a label:') and 'labels/train/rgb.png' in problem
+    (root / 'images' / 'train' / 'rgb.png').unlink()
+    # 1 bit: 0/1 are the ids; 16 bits: values up to 255, and above is named
+    bits = np.zeros((30, 40), bool)
+    bits[:, 20:] = True
+    write_own(root, 'one_bit', label=False)
+    Image.fromarray(bits).save(root / 'labels' / 'train' / 'one_bit.png')
+    write_own(root, 'sixteen_bits', label=False)
+    deep = np.full((30, 40), 2, np.uint16)
+    deep[:5] = 255
+    Image.fromarray(deep).save(root / 'labels' / 'train' / 'sixteen_bits.png')
+    assert Image.open(root / 'labels' / 'train' / 'one_bit.png').mode == '1'
+    assert Image.open(root / 'labels' / 'train' / 'sixteen_bits.png').mode.startswith('I')
+    dataset = bisenet.SegmentationDataset(root)
+    labels = {dataset.name(i): dataset[i][1] for i in range(len(dataset))}
+    assert np.array_equal(labels['one_bit'], bits.astype(np.uint8))
+    assert np.array_equal(labels['sixteen_bits'], deep.astype(np.uint8))
+    found = bisenet.survey(dataset.layout, 'train', dataset.samples)
+    assert found['problems'] == [] and found['pixels'][[0, 1, 2, 255]].tolist() == [600, 600, 1000, 200]
+    assert found['warnings'] == []
+    deep[0, 0] = 300
+    Image.fromarray(deep).save(root / 'labels' / 'train' / 'sixteen_bits.png')
+    [problem] = problems_of(root)
+    assert 'sixteen_bits.png holds the value 300' in problem
+    (root / 'classes.txt').write_text('a\nb\nc\nd\n')
+    deep[0, 0] = 2
+    Image.fromarray(deep).save(root / 'labels' / 'train' / 'sixteen_bits.png')
+    layout = bisenet.Layout(root)
+    [warning] = bisenet.survey(layout, 'train', layout.find('train')[0])['warnings']
+    assert warning == "class 'd' never occurs in the train labels: the model cannot learn it"
+    result = run_here(train, '--data-path', root, '--device', 'cpu', '--crop-size', 16,
+                      '--iters', 1, '--workers', 0, '--no-validate', '--work-dir', tmp_path / 'w')
+    assert result.returncode == 0
+    assert "warning: class 'd' never occurs" in (tmp_path / 'w' / 'train.log').read_text()
+
+
+def test_a_bad_label_the_quick_look_skipped_ends_the_run_in_one_line_when_read(tmp_path):
+    """train.py looks at 200 labels of a split before training; one of the others is checked
+    when a data worker reads it, mid-training, and still ends in one line."""
+    root = tmp_path / 'data'
+    (root / 'classes.txt').parent.mkdir(parents=True)
+    (root / 'classes.txt').write_text('a\nb\n')
+    label = np.zeros((16, 16), np.uint8)
+    label[8:] = 1
+    for i in range(201):
+        write_own(root, f'{i:03d}', image_size=(16, 16), label=label)
+    layout = bisenet.Layout(root)
+    samples = layout.find('train')[0]
+    # the quick look takes 200 labels spread evenly over the split's 201: all but one
+    skipped = sorted(set(range(201)) - set(np.linspace(0, 200, 200).round().astype(int).tolist()))
+    assert len(skipped) == 1
+    bad = root / 'labels' / 'train' / f'{skipped[0]:03d}.png'
+    Image.fromarray(label * 7).save(bad)
+    assert bisenet.survey(layout, 'train', samples, limit=200)['problems'] == []
+    result = run_here(train, '--data-path', root, '--device', 'cpu', '--crop-size', 16,
+                      '--batch-size', 32, '--iters', 20, '--workers', 2, '--no-validate',
+                      '--work-dir', tmp_path / 'work')
+    assert_one_line_error(result, f'{bad} holds the value 7', 'lists 2 classes')
+
+
 def test_ade20k_names_and_labels_that_count_from_one(tmp_path):
     (tmp_path / 'classes.txt').write_text('reduce_zero_label\nwall\nfloor\n')
     label = np.array([[0, 1, 2, 255]] * 30, np.uint8).repeat(10, 1)
@@ -763,7 +853,7 @@ def test_train_refuses_a_bad_label_in_one_line_before_the_first_iteration(own_da
     values[:2] = 30
     Image.fromarray(values).save(label)
     result = run('train.py', '--data-path', root, '--device', 'cpu', '--crop-size', 64,
-                 '--iters', 2, '--workers', 0, '--work-dir', tmp_path / 'work', check=False)
+                 '--iters', 2, '--workers', 2, '--work-dir', tmp_path / 'work', check=False)
     assert_one_line_error(result, str(label), 'holds the value 30', '4 classes')
     assert 'iter ' not in result.stdout and not list((tmp_path / 'work').glob('*.pth'))
 
@@ -841,7 +931,11 @@ def test_onnx_export_of_a_four_class_model_runs_in_onnxruntime(tmp_path):
     image = bisenet.synthetic_scene(np.random.default_rng(0), (96, 64))[0][None]
     labels, logits = session.run(None, {'image': image})
     assert labels.shape == (1, 64, 96) and logits.shape == (1, 4, 64, 96)
-    assert labels.max() < 4
+    # against the plain model (BatchNorm unfolded), normalised here
+    with torch.no_grad():
+        want = model(bisenet.normalize(torch.from_numpy(image).permute(0, 3, 1, 2)))
+    assert np.abs(logits - want.numpy()).max() < 1e-4
+    assert (labels == want.argmax(1).numpy()).mean() > 0.999 and len(np.unique(labels)) > 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -924,23 +1018,39 @@ def assert_panel(picture, panel, left):
     assert tops, 'panel not found in the picture'
 
 
-def test_slide_and_aug_test(data, checkpoint):
+def test_slide_and_aug_test_against_explicit_windows_and_scales(data, checkpoint):
     model = bisenet.model_from_checkpoint(checkpoint).eval()
     image = bisenet.normalize(torch.from_numpy(np.array(Image.open(
         bisenet.Cityscapes(data, 'val').samples[0][0]))).permute(2, 0, 1)[None])
+    assert image.shape[2:] == (64, 128)
     with torch.no_grad():
-        whole = evaluation.predict(model, image, 19)
+        whole = model(image)
+        assert torch.equal(evaluation.predict(model, image, 19), whole)
         # a window larger than the image: one window, the whole image
         assert torch.allclose(evaluation.predict(model, image, 19, 'slide'), whole)
+        # 48 x 48 windows at stride 32 over 64 x 128: rows 0-48 and 16-64 (the last window
+        # ends at the border), columns 0-48, 32-80, 64-112 and 80-128; logits averaged
+        total, count = torch.zeros_like(whole), torch.zeros(1, 1, 64, 128)
+        for y1 in (0, 16):
+            for x1 in (0, 32, 64, 80):
+                total[:, :, y1:y1 + 48, x1:x1 + 48] += model(image[:, :, y1:y1 + 48, x1:x1 + 48])
+                count[:, :, y1:y1 + 48, x1:x1 + 48] += 1
         evaluation.SLIDE_WINDOW, evaluation.SLIDE_STRIDE = (48, 48), (32, 32)
         try:
             slide = evaluation.predict(model, image, 19, 'slide')
         finally:
             evaluation.SLIDE_WINDOW, evaluation.SLIDE_STRIDE = (1024, 1024), (768, 768)
-        assert slide.shape == whole.shape and not torch.allclose(slide, whole)
-        scores = evaluation.predict(model, image, 19, aug_test=True)
-    assert scores.shape == whole.shape
-    assert torch.allclose(scores.sum(1), torch.ones(1, *whole.shape[2:]), atol=1e-4)
+        assert torch.allclose(slide, total / count, atol=1e-6)
+        # ms + flip: the softmax at scales 0.5 to 1.75 of 64 x 128, each also flipped, back at
+        # 64 x 128 (bilinear), averaged over the twelve
+        scores = 0
+        for size in ((32, 64), (48, 96), (64, 128), (80, 160), (96, 192), (112, 224)):
+            scaled = F.interpolate(image, size=size, mode='bilinear', align_corners=False)
+            for logits in (model(scaled), model(scaled.flip(3)).flip(3)):
+                scores = scores + F.interpolate(logits, size=(64, 128), mode='bilinear',
+                                                align_corners=False).softmax(1)
+        aug = evaluation.predict(model, image, 19, aug_test=True)
+    assert torch.allclose(aug, scores / 12, atol=1e-6)
 
 
 def test_two_process_eval_equals_one(data, checkpoint, tmp_path):
@@ -1239,16 +1349,19 @@ def read_events(folder):
 def test_tensorboard_curves_and_pictures_continue_after_a_kill_and_resume(own_data, tmp_path):
     pytest.importorskip('tensorboard')
     args = [sys.executable, str(HERE / 'train.py'), '--data-path', str(own_data), '--device',
-            'cpu', '--crop-size', '64', '--batch-size', '2', '--workers', '0', '--iters', '24',
+            'cpu', '--crop-size', '64', '--batch-size', '2', '--workers', '2', '--iters', '24',
             '--val-interval', '12', '--ckpt-interval', '12', '--log-interval', '4',
             '--work-dir', str(tmp_path), '--tensorboard']
     process = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    log = tmp_path / 'train.log'
-    while time.time() < deadline and not (log.exists() and 'iter 16/24' in log.read_text()):
+    wait_for_line(tmp_path / 'train.log', 'iter 16/24', job=process)
+    deadline = time.time() + 60             # until step 16, past the checkpoint, is on disk
+    while time.time() < deadline and 16 not in read_events(tmp_path / 'tensorboard')[0].get(
+            'train/loss', []):
         time.sleep(0.05)
     process.kill()                                     # kill -9 between the two validations
     process.wait()
+    orphaned, _ = read_events(tmp_path / 'tensorboard')
+    assert orphaned['train/loss'][-2:] == [12, 16] and orphaned['val/mIoU'] == [12]
     result = run('train.py', *args[2:], '--resume-from', 'auto')
     assert f'tensorboard --logdir {tmp_path / "tensorboard"}' in result.stdout
     scalars, pictures = read_events(tmp_path / 'tensorboard')
@@ -1275,10 +1388,19 @@ def test_tensorboard_without_the_package_is_one_line(data, tmp_path):
 
 
 def test_train_with_a_cache_says_where_and_how_large(data, tmp_path):
+    # An entry is a 4 KiB header, then 4 bytes a pixel (RGB and the label): 8 images of 128 x 64.
+    entry = 4096 + 128 * 64 * 4
     result = run('train.py', *TINY, '--data-path', data, '--iters', 2, '--workers', 1,
                  '--work-dir', tmp_path / 'run', '--cache-dir', tmp_path / 'cache')
-    assert f'decoded-data cache {tmp_path / "cache" / "train"}: 8 images, 0.0 GB' in result.stdout
-    assert len(list((tmp_path / 'cache').rglob('*.rgbl'))) >= 2
+    assert (f'decoded-data cache {tmp_path / "cache" / "train"}: 8 images, '
+            f'{8 * entry / 1e6:.2f} MB ({8 * entry / 1e6:.2f} MB still to write') in result.stdout
+    written = len(list((tmp_path / 'cache' / 'train').rglob('*.rgbl')))
+    assert written >= 2 and sum(p.stat().st_size for p in (tmp_path / 'cache').rglob('*.rgbl')) \
+        == written * entry
+    note = bisenet.Cityscapes(data, 'train', cache_dir=tmp_path / 'cache').cache_note
+    assert f'8 images, {8 * entry / 1e6:.2f} MB ({(8 - written) * entry / 1e6:.2f} MB still' in note
+    assert bisenet.size_text(25.1e9) == '25.1 GB'
+
 
 
 def test_torchrun_two_processes(two_process_run):
@@ -1402,20 +1524,26 @@ def test_torchrun_restarts_a_job_whose_rank_0_was_killed_and_ends_with_the_same_
 
 def test_two_nodes_on_one_host_end_with_the_weights_of_one_node(data, tmp_path,
                                                                 two_process_weights):
-    with socket.socket() as probe:                       # a free port for the rendezvous
-        probe.bind(('127.0.0.1', 0))
-        port = probe.getsockname()[1]
-    nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2',
-                               f'--node_rank={node}', '--nproc_per_node=1',
-                               '--master_addr=127.0.0.1', f'--master_port={port}',
-                               str(HERE / 'train.py'), *map(str, FAULT_RUN), '--data-path',
-                               str(data), '--work-dir', str(tmp_path)],
-                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for node in (0, 1)]
-    for node in nodes:
-        _, err = node.communicate(timeout=240)
+    for attempt in range(3):
+        # A port free now may be taken before node 0 binds it: then the nodes start again on
+        # another one, in a work dir of their own.
+        with socket.socket() as probe:
+            probe.bind(('127.0.0.1', 0))
+            port = probe.getsockname()[1]
+        work = tmp_path / f'attempt{attempt}'
+        nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2',
+                                   f'--node_rank={node}', '--nproc_per_node=1',
+                                   '--master_addr=127.0.0.1', f'--master_port={port}',
+                                   str(HERE / 'train.py'), *map(str, FAULT_RUN), '--data-path',
+                                   str(data), '--work-dir', str(work)], env=ENV,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for node in (0, 1)]
+        errors = [node.communicate(timeout=240)[1] for node in nodes]
+        if not any('ddress already in use' in err for err in errors):
+            break
+    for node, err in zip(nodes, errors):
         assert node.returncode == 0, err[-3000:]
-    assert_same_weights(tmp_path / 'latest.pth', two_process_weights)
+    assert_same_weights(work / 'latest.pth', two_process_weights)
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_last_checkpoint_resumes(data, tmp_path):
@@ -1427,7 +1555,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_last_checkpoint_resumes
         pytest.skip('mounting a small disk needs root')
     try:
         result = run('train.py', *TINY, '--data-path', data, '--iters', 6, '--ckpt-interval', 2,
-                     '--workers', 0, '--work-dir', disk, check=False)
+                     '--workers', 2, '--work-dir', disk, check=False)
         assert_one_line_error(result, f'cannot write the checkpoint {disk / "iter_4.pth"}',
                               'MB are free there')
         assert not list(disk.glob('*.tmp'))
@@ -1468,7 +1596,7 @@ def test_a_second_run_in_a_live_work_dir_is_refused_in_one_line(data, tmp_path):
 
 
 def test_auto_resume_skips_checkpoints_that_cannot_be_read(data, tmp_path):
-    common = [*TINY, '--data-path', data, '--ckpt-interval', 2, '--workers', 0,
+    common = [*TINY, '--data-path', data, '--ckpt-interval', 2, '--workers', 2,
               '--work-dir', tmp_path]
     run('train.py', *common, '--iters', 4)
     (tmp_path / 'latest.pth').write_bytes((tmp_path / 'latest.pth').read_bytes()[:1000])

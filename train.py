@@ -420,15 +420,16 @@ class StopRequest:
 
     The first one is answered at once, in one line: the iteration whose sync point will save
     latest.pth and stop the run (`at`, the first sync point after the steps done so far: all
-    ranks agree there). A second SIGINT quits at once (KeyboardInterrupt, which a checkpoint
-    being written turns into a removed temporary file, never a half-written one); a second
-    SIGTERM changes nothing. The loop keeps `done`, the steps done. Processes forked while it
-    is installed (data workers) inherit it and ignore both signals: Ctrl-C in a terminal
-    reaches them too, and the trainer decides. The previous handlers return on leaving."""
+    ranks agree there). A second SIGINT quits at once, with the line main() gives an
+    interruption: the process exits there and then (whatever a library was doing: nothing of
+    it needs to survive), except while a checkpoint is being written (`saving`), which the
+    KeyboardInterrupt raised instead turns into a removed temporary file. A second SIGTERM
+    changes nothing. The loop keeps `done`, the steps done. Processes forked while it is
+    installed inherit it and ignore both signals. The previous handlers return on leaving."""
 
     def __init__(self, done, args, validate, announce):
         self.done, self.args, self.validate, self.announce = done, args, validate, announce
-        self.at, self.signal, self.pid = None, None, os.getpid()
+        self.at, self.signal, self.pid, self.saving = None, None, os.getpid(), False
 
     def __enter__(self):
         self.previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
@@ -442,8 +443,12 @@ class StopRequest:
         if os.getpid() != self.pid:
             return
         if self.signal is not None:
-            if signum == signal.SIGINT:
+            if signum == signal.SIGINT and self.saving:
                 raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                sys.stdout.flush()
+                os.write(sys.stderr.fileno(), (interrupted(self.args) + '\n').encode())
+                os._exit(130)                       # the shell's status for SIGINT
             return
         # Whatever `done` this sees (the step under way, or a sync point already passed), the
         # loop stops at the first sync point at or after `at`, which is `at` itself.
@@ -459,6 +464,13 @@ class StopRequest:
         return self.at is not None and self.at <= iteration
 
 
+def interrupted(args):
+    """The line of a run that Ctrl-C ended at once."""
+    checkpoints = checkpoints_newest_first(Path(args.work_dir))
+    return (f'error: interrupted (Ctrl-C); the checkpoints written before are intact (last: '
+            f'{checkpoints[0] if checkpoints else "none yet"}): continue with --resume-from auto')
+
+
 def main(argv=None):
     args = parse_args(argv)
     runtime, lock = None, None
@@ -471,10 +483,7 @@ def main(argv=None):
     except (bisenet.SetupError, bisenet.DatasetError, bisenet.CheckpointError) as e:
         sys.exit(f'error: {bisenet.one_line(e)}')
     except KeyboardInterrupt:
-        checkpoints = checkpoints_newest_first(Path(args.work_dir))
-        print(f'error: interrupted (Ctrl-C); the checkpoints written before are intact (last: '
-              f'{checkpoints[0] if checkpoints else "none yet"}): continue with --resume-from '
-              f'auto', file=sys.stderr, flush=True)
+        print(interrupted(args), file=sys.stderr, flush=True)
         sys.exit(130)                               # the shell's status for SIGINT
     except RuntimeError as e:
         line = fault_line(e, args) if runtime is not None else None
@@ -650,8 +659,12 @@ def train(args, runtime, opened):
                  'args': vars(args), 'meta': {'dataset_meta': {   # as mmsegmentation writes it
                      'classes': list(model.classes),
                      'palette': [list(colour) for colour in model.palette]}}}
-        for name in names:
-            save_checkpoint(state, work_dir / name)
+        stop.saving = True              # a second Ctrl-C now drops the file being written
+        try:
+            for name in names:
+                save_checkpoint(state, work_dir / name)
+        finally:
+            stop.saving = False
 
     profiler = make_profiler(runtime, work_dir / 'prof') if args.prof else None
     if profiler is not None:
