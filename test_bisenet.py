@@ -1758,6 +1758,169 @@ def test_compile_failure_is_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Parity with the reference, mmsegmentation 1.2.2: run where it is installed, skipped elsewhere.
+#     pip install mmsegmentation==1.2.2 mmengine mmcv-lite==2.1.0 ftfy regex
+#     python -m pytest -q test_bisenet.py -k mmsegmentation
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def mmseg():
+    """mmsegmentation's model registry, or a skip. mmcv-lite is mmcv without its compiled ops:
+    BiSeNetV1 needs none, but mmseg imports mmcv.ops, whose modules look their kernels up in
+    mmcv._ext as they load. A stand-in module answers each lookup with a function that raises
+    if it is ever called."""
+    import importlib.util
+    import types
+    if importlib.util.find_spec('mmseg') is None:
+        pytest.skip('mmsegmentation is not installed')
+    if importlib.util.find_spec('mmcv._ext') is None:
+        ext = types.ModuleType('mmcv._ext')
+
+        def kernel(name):
+            if name.startswith('__'):
+                raise AttributeError(name)
+
+            def missing(*args, **kwargs):
+                raise NotImplementedError(f'mmcv-lite has no compiled op {name}')
+            return missing
+        ext.__getattr__ = kernel
+        sys.modules['mmcv._ext'] = ext
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+    register_all_modules()
+    return MODELS
+
+
+def reference_model(registry, backbone='resnet18'):
+    """mmsegmentation's bisenetv1_r18-d32 (or r50-d32) model as its configs build it, with BN
+    where the configs have SyncBN (one process)."""
+    wide, depth = (1, 18) if backbone == 'resnet18' else (4, 50)
+    norm = dict(type='BN', requires_grad=True)
+
+    def head(index, in_channels, channels):
+        return dict(type='FCNHead', in_channels=in_channels, in_index=index, channels=channels,
+                    num_convs=1, concat_input=False, dropout_ratio=0.1, num_classes=19,
+                    norm_cfg=norm, align_corners=False,
+                    loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0))
+    return registry.build(dict(
+        type='EncoderDecoder',
+        backbone=dict(type='BiSeNetV1', in_channels=3, out_indices=(0, 1, 2),
+                      context_channels=(128 * wide, 256 * wide, 512 * wide),
+                      spatial_channels=(64 * wide, 64 * wide, 64 * wide, 128 * wide),
+                      out_channels=256 * wide, norm_cfg=norm, align_corners=False, init_cfg=None,
+                      backbone_cfg=dict(type='ResNet', in_channels=3, depth=depth, num_stages=4,
+                                        out_indices=(0, 1, 2, 3), dilations=(1, 1, 1, 1),
+                                        strides=(1, 2, 2, 2), norm_cfg=norm, norm_eval=False,
+                                        style='pytorch', contract_dilation=True)),
+        decode_head=head(0, 256 * wide, 256 * wide),
+        auxiliary_head=[head(1, 128 * wide, 64 * wide), head(2, 128 * wide, 64 * wide)],
+        train_cfg=dict(), test_cfg=dict(mode='whole')))
+
+
+@pytest.mark.parametrize('backbone', ['resnet18', 'resnet50'])
+def test_the_model_equals_mmsegmentation_to_the_last_bit_and_loads_its_checkpoints(
+        mmseg, backbone, tmp_path):
+    """The same state dict (names, shapes), and on random weights and BN statistics the same
+    logits, bit for bit; an mmsegmentation checkpoint file loads into both alike."""
+    from mmengine.runner import load_checkpoint
+    theirs = random_state(reference_model(mmseg, backbone), seed=1).eval()
+    assert {k: tuple(v.shape) for k, v in theirs.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in bisenet.BiSeNetV1(19, backbone).state_dict().items()}
+    path = tmp_path / 'mmseg.pth'
+    torch.save({'meta': {'dataset_meta': {'classes': list(bisenet.CLASSES)}},
+                'state_dict': theirs.state_dict()}, path)
+    ours = bisenet.model_from_checkpoint(path).eval()
+    loaded = reference_model(mmseg, backbone).eval()
+    load_checkpoint(loaded, str(path), map_location='cpu')
+    x = torch.randn(1, 3, 215, 333, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = theirs.encode_decode(x, [dict(img_shape=(215, 333))])
+        assert torch.equal(ours(x), want)
+        assert torch.equal(loaded.encode_decode(x, [dict(img_shape=(215, 333))]), want)
+        assert want.std() > 0.1                                   # random weights, not zeros
+
+
+def test_one_training_step_has_mmsegmentations_losses_and_gradients(mmseg):
+    """Each head's loss (upsampled logits, cross entropy averaged over all pixels, ignored ones
+    counting zero) and every parameter's gradient, as mmsegmentation's loss() gives them; the
+    same dropout masks, drawn in the same order."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    theirs = random_state(reference_model(mmseg), seed=3).train()
+    ours = bisenet.BiSeNetV1().train()
+    ours.load_state_dict(theirs.state_dict())
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 64, 96, generator=g)
+    label = torch.randint(0, 19, (2, 64, 96), generator=g)
+    label[:, :8] = 255
+    samples = []
+    for one in label:
+        sample = SegDataSample(metainfo=dict(img_shape=(64, 96), pad_shape=(64, 96)))
+        sample.gt_sem_seg = PixelData(data=one[None])
+        samples.append(sample)
+    torch.manual_seed(5)
+    reference = theirs.loss(x, samples)
+    torch.manual_seed(5)
+    losses = train.criterion(ours(x), label)
+    reference = [reference[k] for k in ('decode.loss_ce', 'aux_0.loss_ce', 'aux_1.loss_ce')]
+    for mine, want in zip(losses, reference):
+        assert mine.item() == pytest.approx(want.item(), rel=1e-6)
+    sum(losses).backward()
+    sum(reference).backward()
+    their_parameters = dict(theirs.named_parameters())
+    for name, parameter in ours.named_parameters():
+        want = their_parameters[name].grad
+        assert torch.allclose(parameter.grad, want, rtol=1e-4, atol=1e-7), name
+    assert sum(int(p.grad.abs().sum() > 0) for p in ours.parameters()) == len(their_parameters)
+
+
+def test_the_metric_equals_mmsegmentations_iou_metric(mmseg):
+    from mmseg.evaluation.metrics import IoUMetric
+    rng = np.random.default_rng(6)
+    total = torch.zeros(19, 19, dtype=torch.int64)
+    areas = [0, 0, 0, 0]
+    for _ in range(5):
+        label = rng.integers(0, 19, (37, 53))
+        pred = np.where(rng.random((37, 53)) < 0.6, label, rng.integers(0, 19, (37, 53)))
+        label[rng.random((37, 53)) < 0.2] = 255
+        label[label == 4], pred[pred == 4] = 3, 3               # a class never seen
+        label[label == 7] = 8                                   # one only predicted
+        pred, label = torch.from_numpy(pred), torch.from_numpy(label)
+        total += evaluation.confusion(pred, label, 19)
+        areas = [a + b for a, b in zip(areas, IoUMetric.intersect_and_union(pred, label, 19, 255))]
+    reference = {k: np.asarray(v, np.float64) for k, v in
+                 IoUMetric.total_area_to_metrics(*areas, metrics=['mIoU']).items()}
+    ours = evaluation.summarize(total)
+    np.testing.assert_allclose(ours['IoU'], 100 * reference['IoU'], rtol=1e-6)
+    np.testing.assert_allclose(ours['Acc'], 100 * reference['Acc'], rtol=1e-6)
+    assert np.isnan(ours['IoU'][4]) and ours['IoU'][7] == 0
+    assert ours['mIoU'] == pytest.approx(100 * np.nanmean(reference['IoU']), rel=1e-6)
+    assert ours['mAcc'] == pytest.approx(100 * np.nanmean(reference['Acc']), rel=1e-6)
+    assert ours['aAcc'] == pytest.approx(100 * float(reference['aAcc']), rel=1e-6)
+
+
+def test_the_test_pipelines_rescale_is_mmsegmentations(mmseg, tmp_path):
+    """eval.py --images' rescale to fit 2048 x 1024: mmcv's Resize(keep_ratio) in the
+    reference's test pipeline (cv2 bilinear), to the pixel in size and within a grey level."""
+    from mmcv.transforms import Resize
+    resize = Resize(scale=(2048, 1024), keep_ratio=True)
+    sizes = ((97, 61), (640, 480), (3001, 999), (2048, 1024), (600, 1400))
+    for width, height in sizes:
+        image = bisenet.synthetic_scene(np.random.default_rng(width), (width, height))[0]
+        Image.fromarray(image).save(tmp_path / f'{width}.png')
+    files = evaluation.ImageFiles(sorted(tmp_path.glob('*.png')))
+    for index, path in enumerate(files.paths):
+        image = np.array(Image.open(path))
+        want = resize(dict(img=image))['img']
+        _, rescaled, error = files[index]
+        assert error is None
+        got = rescaled.permute(1, 2, 0).numpy()
+        assert got.shape == want.shape, path.name
+        assert np.abs(got.astype(int) - want).max() <= 1, path.name
+
+
+# ----------------------------------------------------------------------------------------------
 # CUDA acceptance: run where a GPU is visible, reported as skipped elsewhere.
 #     python -m pytest -q test_bisenet.py -k cuda
 # ----------------------------------------------------------------------------------------------
