@@ -384,7 +384,7 @@ def load_file(path, trust_pickle=False):
             reason = ('it holds pickled objects that weights_only loading refuses; if you trust '
                       'its source, pass --trust-pickle')
         else:
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            reason = one_line(e)[:200]
         raise CheckpointError(f'cannot read checkpoint {path}: {reason}') from None
 
 
@@ -450,11 +450,18 @@ def load_state_dict(model, state_dict, source='checkpoint', target=None, new_cla
     return model
 
 
-def load_checkpoint(model, path, trust_pickle=False, new_classes=False):
+def load_checkpoint(model, path, trust_pickle=False, new_classes=False, log=None):
     """Load this project's or mmsegmentation's BiSeNetV1 checkpoint into `model`, strictly;
-    with new_classes, one of another class count but for its classifiers (load_state_dict)."""
-    return load_state_dict(model, read_state_dict(path, trust_pickle), source=str(path),
-                           new_classes=new_classes)
+    with new_classes, one of another class count but for its classifiers (load_state_dict),
+    which `log`, if given, is told in one line."""
+    state_dict = read_state_dict(path, trust_pickle)
+    load_state_dict(model, state_dict, source=str(path), new_classes=new_classes)
+    theirs = state_dict['decode_head.conv_seg.weight'].shape[0]
+    if log is not None and theirs != model.num_classes:
+        log(f'{path}: loaded every weight but the three classifiers (conv_seg of the decode and '
+            f'both auxiliary heads: {theirs} classes there, {model.num_classes} here), which '
+            f'start as a new model\'s')
+    return model
 
 
 def model_from_checkpoint(path, trust_pickle=False):
@@ -497,6 +504,21 @@ MEAN = (123.675, 116.28, 103.53)   # ImageNet RGB statistics, as the reference n
 STD = (58.395, 57.12, 57.375)
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 EXIF_ORIENTATION = 0x0112
+
+
+def lookup_table(values, fill=0):
+    """A 256-entry uint8 table that maps i to values[i], and every i past them to `fill`:
+    train ids to colours ((256, 3)) or to Cityscapes label ids, label ids to train ids."""
+    values = np.asarray(values, np.uint8)
+    table = np.full((256,) + values.shape[1:], fill, np.uint8)
+    table[:len(values)] = values
+    return table
+
+
+def cityscapes_label_ids(classes):
+    """Cityscapes' raw label id of each train id, for a model of Cityscapes' classes: what its
+    evaluation scripts and benchmark server read in a label map; None for any other classes."""
+    return LABEL_IDS if tuple(classes) == CLASSES else None
 
 
 def train_id_table():
@@ -595,6 +617,10 @@ def exif_orientation(image):
     if image.format == 'PNG' and 'exif' not in image.info:
         return 1
     return image.getexif().get(EXIF_ORIENTATION, 1)
+
+
+# What Pillow raises for a file it cannot read: damaged, not an image, or a decompression bomb.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def open_image(path):
@@ -749,7 +775,7 @@ class Layout:
         try:
             label = Image.open(path)
             label.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except IMAGE_ERRORS as e:
             raise DatasetError(f'cannot read the label {path}: {e}') from None
         if label.format == 'JPEG':
             raise DatasetError(f'{path} is a JPEG file: JPEG compression invents label values at '
@@ -844,7 +870,7 @@ def look_at(layout, sample):
             with Image.open(image_path) as image:
                 stored_size = image.size
                 turned = exif_orientation(image) in (5, 6, 7, 8)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except IMAGE_ERRORS as e:
             raise DatasetError(f'cannot read {image_path}: {e}') from None
         size = stored_size[::-1] if turned else stored_size
         label, counts = layout.read_label(label_path, id_table, pixels=False)
@@ -952,7 +978,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             if entry is None:
                 try:
                     width, height = Image.open(image_path).size      # reads the header only
-                except (OSError, SyntaxError, ValueError) as e:
+                except IMAGE_ERRORS as e:
                     raise DatasetError(f'cannot read {image_path}: {e}') from None
                 size = DecodedCache.HEADER + height * width * 4
                 missing += size
@@ -984,7 +1010,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image_path, label_path, id_table = self.samples[index]
         try:
             image, stored_size = open_image(image_path)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except IMAGE_ERRORS as e:
             raise DatasetError(f'cannot read {image_path}: {e}') from None
         label, _ = self.layout.read_label(label_path, id_table)
         problem = size_problem(image_path, image.size, stored_size, label_path, label.size)
@@ -1387,9 +1413,8 @@ def synthetic_scene(rng, size=(256, 128)):
         x, bottom = rng.integers(0, w - ow), rng.integers(kerb, h)
         train[max(bottom - oh, 0):bottom, x:x + ow] = cls
     train[h - h // 16:] = IGNORE_INDEX                          # the ego vehicle: ignored
-    palette = np.array(PALETTE + ((0, 0, 0),) * (256 - len(PALETTE)), np.float32)
-    image = palette[train] + rng.normal(0, 12, (h, w, 3)) + rng.uniform(-20, 20)
-    raw = np.array(LABEL_IDS + (1,) * (256 - len(LABEL_IDS)), np.uint8)[train]   # 1 = ego vehicle
+    image = lookup_table(PALETTE)[train] + rng.normal(0, 12, (h, w, 3)) + rng.uniform(-20, 20)
+    raw = lookup_table(LABEL_IDS, fill=1)[train]                # 1 = ego vehicle
     return np.clip(image, 0, 255).astype(np.uint8), raw
 
 
@@ -1419,9 +1444,14 @@ class SetupError(RuntimeError):
 
 
 def one_line(error):
-    """The message of a user-facing error as one line; errors re-raised from a DataLoader
-    worker carry the worker's traceback, whose last line is the original message."""
-    line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    """The message of an error as one line, without its type's name: the message's first
+    line, or for an error re-raised from a DataLoader worker, whose message carries the
+    worker's traceback, the last: the original error's."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    lines = text.splitlines()
+    line = lines[-1] if 'Traceback (most recent call last)' in text else lines[0]
     name = type(error).__name__
     for prefix in (f'{__name__}.{name}: ', f'{name}: '):
         line = line[len(prefix):] if line.startswith(prefix) else line
@@ -1611,6 +1641,35 @@ class Runtime:
         if self.type == 'cuda':
             torch.cuda.set_sync_debug_mode('error' if forbid else 'default')
 
+    def sync_batchnorm(self, module):
+        """`module` with SyncBatchNorm for its BatchNorms on an accelerator, where several
+        processes share the statistics; unchanged on CPU, where SyncBatchNorm has no kernel
+        (and with one process it would act as BatchNorm anyway)."""
+        if self.type == 'cpu':
+            return module
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+    def shard(self, size):
+        """This process's share of `size` items: every world_size-th, none twice."""
+        return list(range(self.rank, size, self.world_size))
+
+    def profiler(self, trace_dir, steps=5):
+        """A profiler of `steps` steps (after one skipped and one of warm-up) whose trace lands
+        in trace_dir: torch_npu's on NPU, which also records the NPU's kernels, else torch's
+        (with CUDA's kernels on CUDA)."""
+        module = torch.profiler
+        activities = [module.ProfilerActivity.CPU]
+        if self.type == 'npu':
+            import torch_npu
+            module = torch_npu.profiler
+            activities = [module.ProfilerActivity.CPU, module.ProfilerActivity.NPU]
+        elif self.type == 'cuda':
+            activities.append(module.ProfilerActivity.CUDA)
+        return module.profile(
+            activities=activities,
+            schedule=module.schedule(wait=1, warmup=1, active=steps, repeat=1),
+            on_trace_ready=module.tensorboard_trace_handler(str(trace_dir)))
+
     def synchronize(self):
         if self.type != 'cpu':
             getattr(torch, self.type).synchronize()
@@ -1653,6 +1712,23 @@ class Runtime:
 # ----------------------------------------------------------------------------------------------
 
 
+def time_alternately(runs, rounds, synchronize=None):
+    """Seconds per call of each of `runs` (name -> function) in `rounds` rounds, the order
+    reversed every other round so that a noisy machine slows them alike: {name: [s, ...]}.
+    `synchronize` (a device's) runs before each clock reading."""
+    times = {name: [] for name in runs}
+    for round_ in range(rounds):
+        for name in (list(runs) if round_ % 2 == 0 else list(runs)[::-1]):
+            if synchronize:
+                synchronize()
+            start = time.perf_counter()
+            runs[name]()
+            if synchronize:
+                synchronize()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_dir=None):
     """Per-image cost of a DataLoader worker (one thread) against a bare decode of the files;
     with cache_dir also the same worker reading a warm decoded-data cache, filled first; and
@@ -1685,16 +1761,13 @@ def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_
               f'the uncached worker, {warm / decode:.2f} x the decode)')
     samples = [dataset.samples[i] for i in indices]
     processes = all_cores()
-    times = {'bare label decode': [], 'label check': []}
+    chunk = max(1, len(samples) // (4 * processes))
     with multiprocessing.get_context().Pool(processes) as pool:
-        jobs = {'bare label decode': decode_label_file,
-                'label check': functools.partial(look_at, dataset.layout)}
-        for round_ in range(4):                  # alternating, the first round a warm-up
-            for name in (list(jobs) if round_ % 2 == 0 else list(jobs)[::-1]):
-                start = time.perf_counter()
-                pool.map(jobs[name], samples, chunksize=max(1, len(samples) // (4 * processes)))
-                times[name].append((time.perf_counter() - start) / len(samples))
-    bare, check = (min(times[name][1:]) for name in times)
+        times = time_alternately({        # four rounds, the first a warm-up
+            'bare label decode': lambda: pool.map(decode_label_file, samples, chunksize=chunk),
+            'label check': lambda: pool.map(functools.partial(look_at, dataset.layout), samples,
+                                            chunksize=chunk)}, rounds=4)
+    bare, check = (min(times[name][1:]) / len(samples) for name in times)
     print(f'label check of --check-data on {processes} processes: {check * 1e3:.2f} ms per file '
           f'against {bare * 1e3:.2f} ms for a bare decode of the label ({check / bare:.2f} x)')
 

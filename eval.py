@@ -197,11 +197,6 @@ def prepare_for_inference(model, runtime, compile_model=False):
     return model
 
 
-def shard(size, runtime):
-    """This process's share of the data set: every world_size-th image, none twice."""
-    return list(range(runtime.rank, size, runtime.world_size))
-
-
 @torch.no_grad()
 def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None,
              show_dir=None, workers=4, log=print, profiler=None, limit=None, keep_pictures=()):
@@ -215,9 +210,9 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
     num_classes = model.num_classes
     size = len(dataset) if limit is None else min(limit, len(dataset))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=1, sampler=shard(size, runtime), num_workers=workers,
+        dataset, batch_size=1, sampler=runtime.shard(size), num_workers=workers,
         **runtime.loader_options())
-    label_ids = bisenet.LABEL_IDS if dataset.layout.cityscapes else None
+    label_ids = bisenet.cityscapes_label_ids(dataset.classes)
     total = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
     progress, pictures = Progress('[eval]', size, runtime, log), {}
     for step, (index, (image, label)) in enumerate(zip(loader.sampler, loader)):
@@ -266,9 +261,7 @@ class Progress:
 
 def colourize(train_ids, palette):
     """Train ids (H, W) in the classes' colours; ignored and unknown ids black."""
-    colours = np.zeros((256, 3), np.uint8)
-    colours[:len(palette)] = palette
-    return colours[train_ids]
+    return bisenet.lookup_table(palette)[train_ids]
 
 
 def save_prediction(pred, image, out_name, show_name, out_dir, show_dir, classes, palette,
@@ -283,9 +276,7 @@ def save_prediction(pred, image, out_name, show_name, out_dir, show_dir, classes
         path = Path(out_dir) / out_name
         path.parent.mkdir(parents=True, exist_ok=True)
         if label_ids is not None:
-            table = np.zeros(256, np.uint8)
-            table[:len(label_ids)] = label_ids
-            Image.fromarray(table[pred]).save(path)
+            Image.fromarray(bisenet.lookup_table(label_ids)[pred]).save(path)
         else:
             label_map = Image.fromarray(pred.astype(np.uint8))
             label_map.putpalette([v for colour in palette for v in colour])
@@ -413,8 +404,8 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index):
         try:
             image, _ = bisenet.open_image(self.paths[index])
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            return None, None, str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'
+        except bisenet.IMAGE_ERRORS as e:
+            return None, None, bisenet.one_line(e)
         size = fit_size(*image.size)
         rescaled = bisenet.rescale_crop(image, image.size, size, (0, 0) + size, Image.BILINEAR)
         return (bisenet.pixels(image).permute(2, 0, 1), bisenet.pixels(rescaled).permute(2, 0, 1),
@@ -428,9 +419,9 @@ def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=
     image's own size (bilinear) before the argmax, as the reference predicts. Writes label PNGs
     and/or pictures; returns the files that could not be read."""
     dataset, names = ImageFiles(paths), output_names(paths)
-    label_ids = bisenet.LABEL_IDS if model.classes == bisenet.CLASSES else None
+    label_ids = bisenet.cityscapes_label_ids(model.classes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                         sampler=shard(len(dataset), runtime))
+                                         sampler=runtime.shard(len(dataset)))
     progress, failed = Progress('[images]', len(dataset), runtime, log), []
     for step, (index, (image, rescaled, error)) in enumerate(zip(loader.sampler, loader)):
         if error is None:
@@ -464,11 +455,9 @@ class Deployable(nn.Module):
     def __init__(self, model, logits=False):
         super().__init__()
         self.model, self.logits = model, logits
-        self.register_buffer('mean', torch.tensor(bisenet.MEAN).view(1, 3, 1, 1))
-        self.register_buffer('std', torch.tensor(bisenet.STD).view(1, 3, 1, 1))
 
     def forward(self, image):
-        logits = self.model((image.permute(0, 3, 1, 2).float() - self.mean) / self.std)
+        logits = self.model(bisenet.normalize(image.permute(0, 3, 1, 2)))
         labels = logits.argmax(1).to(torch.uint8)
         return (labels, logits) if self.logits else labels
 
@@ -527,16 +516,10 @@ def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)
             f'pixels, largest logit difference {np.abs(got[1] - want_logits.numpy()).max():.2e}')
     height, width = check_sizes[0]
     image = torch.randint(0, 256, (1, height, width, 3), dtype=torch.uint8)
-    times = {'onnxruntime': [], 'fast path': []}
-    for round_ in range(3):                          # alternating, after one warm-up each
-        for name in ('onnxruntime', 'fast path')[::1 if round_ % 2 == 0 else -1]:
-            start = time.perf_counter()
-            if name == 'onnxruntime':
-                session.run(None, {'image': image.numpy()})
-            else:
-                with torch.no_grad():
-                    deployable(image)
-            times[name].append(time.perf_counter() - start)
+    with torch.no_grad():
+        times = bisenet.time_alternately({      # three rounds, the first a warm-up
+            'onnxruntime': lambda: session.run(None, {'image': image.numpy()}),
+            'fast path': lambda: deployable(image)}, rounds=3)
     ort_time, torch_time = (statistics.median(times[n][1:]) for n in ('onnxruntime', 'fast path'))
     log(f'CPU time per {height} x {width} image: onnxruntime {ort_time * 1e3:.0f} ms, fast path '
         f'{torch_time * 1e3:.0f} ms ({ort_time / torch_time:.2f} x, one run, '
@@ -560,21 +543,14 @@ def benchmark(model, runtime, compile_model=False, size=(1024, 2048), warmup=2, 
     fast_x = x.contiguous(memory_format=runtime.inference_format)
     model = model.eval().to(runtime.device)
     fast = prepare_for_inference(model, runtime, compile_model)
-    runs = {'plain model': lambda: predict(model, x, model.num_classes).argmax(1),
-            'fast path': lambda: predict(fast, fast_x, model.num_classes).argmax(1)}
-    times = {name: [] for name in runs}
+    def label_map(model, x):
+        with runtime.autocast():
+            return predict(model, x, model.num_classes).argmax(1)
+    runs = {'plain model': lambda: label_map(model, x), 'fast path': lambda: label_map(fast, fast_x)}
     for _ in range(warmup):      # also compiles, with compile_model: the fast path first, so
-        with runtime.autocast():   # that a compiler that fails does so at once
-            for run in list(runs.values())[::-1]:
-                run()
-    for i in range(rounds):
-        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
-            runtime.synchronize()
-            start = time.perf_counter()
-            with runtime.autocast():
-                runs[name]()
-            runtime.synchronize()
-            times[name].append(time.perf_counter() - start)
+        for run in list(runs.values())[::-1]:   # that a compiler that fails does so at once
+            run()
+    times = bisenet.time_alternately(runs, rounds, runtime.synchronize)
     median = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
         log(f'{name:<12} {median[name] * 1e3:8.1f} ms per image (median of '
@@ -589,20 +565,87 @@ def benchmark(model, runtime, compile_model=False, size=(1024, 2048), warmup=2, 
     log(f'FPS: {1 / median["fast path"]:.2f}')
 
 
-def make_profiler(runtime, trace_dir, steps=5):
-    """torch_npu's profiler on NPU, torch's elsewhere; the trace lands in trace_dir."""
-    profiler_module = torch.profiler
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if runtime.type == 'npu':
-        import torch_npu
-        profiler_module = torch_npu.profiler
-        activities = [profiler_module.ProfilerActivity.CPU, profiler_module.ProfilerActivity.NPU]
-    elif runtime.type == 'cuda':
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    return profiler_module.profile(
-        activities=activities,
-        schedule=profiler_module.schedule(wait=1, warmup=1, active=steps, repeat=1),
-        on_trace_ready=profiler_module.tensorboard_trace_handler(str(trace_dir)))
+def run_export(args):
+    """--export-onnx: on the CPU, in fp32, what ONNX files hold."""
+    model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle).eval()
+    bisenet.make_dir(Path(args.export_onnx).resolve().parent, '--export-onnx')
+    agreement = export_onnx(model, args.export_onnx, args.onnx_logits)
+    if agreement is not None and agreement < 0.9999:
+        raise bisenet.SetupError(f'the ONNX label maps agree with PyTorch on only '
+                                 f'{100 * agreement:.3f}% of the pixels')
+
+
+def run_benchmark(args, runtime):
+    """--benchmark: a checkpoint's model, or a new one of --backbone, timed on random input."""
+    model = (bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle) if args.ckpt
+             else bisenet.BiSeNetV1(19, args.backbone))
+    runtime.print0(f'BiSeNetV1 {model.backbone_name}, {runtime.device}, {runtime.precision}')
+    benchmark(model, runtime, args.compile, log=runtime.print0)
+
+
+def run_images(args, runtime):
+    """--images: label maps and/or pictures of image files; exits 1 if any could not be read."""
+    paths = find_images(args.images)
+    show_dir = args.show_dir
+    if not (args.out_dir or args.show_dir):
+        show_dir = 'output/segmented'       # pictures, unless asked for label maps
+    for flag, folder in (('--out-dir', args.out_dir), ('--show-dir', show_dir)):
+        if folder:
+            bisenet.make_dir(folder, flag)
+    model = prepare_for_inference(bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle),
+                                  runtime, args.compile)
+    runtime.print0(f'segmenting {len(paths)} images with {args.ckpt} ({model.num_classes} '
+                   f'classes), {args.mode}{" + ms/flip" if args.aug_test else ""}, '
+                   f'{runtime.device}, {runtime.precision}; writing '
+                   + ' and '.join(f'{what} to {folder}' for what, folder in (
+                       ('label maps', args.out_dir), ('pictures', show_dir)) if folder))
+    failed = segment_images(model, paths, runtime, args.mode, args.aug_test, args.out_dir,
+                            show_dir, args.workers, log=runtime.print0)
+    if failed:
+        sys.exit(f'error: {len(failed)} of the images could not be read (named above); the '
+                 f'others were written')
+
+
+def run_evaluation(args, runtime):
+    """The metric of a checkpoint on --data-path's --split, its table, and what it writes."""
+    for flag, folder in (('--out-dir', args.out_dir), ('--show-dir', args.show_dir),
+                         ('--json', args.json and Path(args.json).parent),
+                         ('--prof-dir', args.prof_test and args.prof_dir)):
+        if folder:                          # fail now, not after the evaluation
+            bisenet.make_dir(folder, flag)
+    model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle)
+    dataset = bisenet.SegmentationDataset(args.data_path, args.split,
+                                          bisenet.EvalTransform(on_device=True), args.cache_dir)
+    if model.num_classes != len(dataset.classes):
+        raise bisenet.SetupError(f'{args.ckpt} predicts {model.num_classes} classes but '
+                                 f'{args.data_path} has {len(dataset.classes)}: evaluate a '
+                                 f'checkpoint trained on this data set')
+    if dataset.cache_note:
+        runtime.print0(dataset.cache_note)
+    limit = 8 if args.prof_test else None           # a few images are enough to profile
+    runtime.print0(f'evaluating {args.ckpt} ({model.backbone_name}, {model.num_classes} '
+                   f'classes) on {min(len(dataset), limit or len(dataset))} images of '
+                   f'{args.data_path}/{args.split}, '
+                   f'{args.mode}{" + ms/flip" if args.aug_test else ""}, {runtime.device}, '
+                   f'{runtime.precision}, {runtime.world_size} process(es)')
+    model = prepare_for_inference(model, runtime, args.compile)
+    profiler = runtime.profiler(args.prof_dir) if args.prof_test else None
+    if profiler is not None:
+        profiler.start()
+    metrics = evaluate(model, dataset, runtime, args.mode, args.aug_test, args.out_dir,
+                       args.show_dir, args.workers, log=runtime.print0, profiler=profiler,
+                       limit=limit)
+    if profiler is not None:
+        profiler.stop()
+        runtime.print0(f'profile trace written to {args.prof_dir}')
+    if metrics['pixels'] == 0:                  # e.g. Cityscapes' test split
+        runtime.print0('no labelled pixels: metrics skipped'
+                       + (f' (predictions written to {args.out_dir})' if args.out_dir else ''))
+        return
+    runtime.print0(format_table(metrics, dataset.classes))
+    if args.json and runtime.rank == 0:
+        Path(args.json).write_text(json.dumps(metrics_record(metrics, dataset.classes),
+                                              indent=2) + '\n')
 
 
 def main(argv=None):
@@ -615,85 +658,14 @@ def main(argv=None):
             raise bisenet.SetupError(f'--workers cannot be negative, not {args.workers}')
         if args.images and args.export_onnx:
             raise bisenet.SetupError('--images and --export-onnx exclude each other: run twice')
-        if args.export_onnx:                        # on the CPU, in fp32: what ONNX files hold
-            model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle).eval()
-            bisenet.make_dir(Path(args.export_onnx).resolve().parent, '--export-onnx')
-            agreement = export_onnx(model, args.export_onnx, args.onnx_logits)
-            if agreement is not None and agreement < 0.9999:
-                raise bisenet.SetupError(f'the ONNX label maps agree with PyTorch on only '
-                                         f'{100 * agreement:.3f}% of the pixels')
-            return
+        if args.export_onnx:
+            return run_export(args)
         runtime = bisenet.Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
         if args.benchmark:
-            model = (bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle) if args.ckpt
-                     else bisenet.BiSeNetV1(19, args.backbone))
-            runtime.print0(f'BiSeNetV1 {model.backbone_name}, {runtime.device}, '
-                           f'{runtime.precision}')
-            benchmark(model, runtime, args.compile, log=runtime.print0)
-            return
+            return run_benchmark(args, runtime)
         if args.images:
-            paths = find_images(args.images)
-            show_dir = args.show_dir
-            if not (args.out_dir or args.show_dir):
-                show_dir = 'output/segmented'       # pictures, unless asked for label maps
-            for flag, folder in (('--out-dir', args.out_dir), ('--show-dir', show_dir)):
-                if folder:
-                    bisenet.make_dir(folder, flag)
-            model = prepare_for_inference(bisenet.model_from_checkpoint(args.ckpt,
-                                                                        args.trust_pickle),
-                                          runtime, args.compile)
-            runtime.print0(f'segmenting {len(paths)} images with {args.ckpt} '
-                           f'({model.num_classes} classes), {args.mode}'
-                           f'{" + ms/flip" if args.aug_test else ""}, {runtime.device}, '
-                           f'{runtime.precision}; writing '
-                           + ' and '.join(f'{what} to {folder}' for what, folder in (
-                               ('label maps', args.out_dir), ('pictures', show_dir)) if folder))
-            failed = segment_images(model, paths, runtime, args.mode, args.aug_test,
-                                    args.out_dir, show_dir, args.workers, log=runtime.print0)
-            if failed:
-                sys.exit(f'error: {len(failed)} of the images could not be read (named above); '
-                         f'the others were written')
-            return
-        for flag, folder in (('--out-dir', args.out_dir), ('--show-dir', args.show_dir),
-                             ('--json', args.json and Path(args.json).parent),
-                             ('--prof-dir', args.prof_test and args.prof_dir)):
-            if folder:                          # fail now, not after the evaluation
-                bisenet.make_dir(folder, flag)
-        model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle)
-        dataset = bisenet.SegmentationDataset(args.data_path, args.split,
-                                              bisenet.EvalTransform(on_device=True),
-                                              args.cache_dir)
-        if model.num_classes != len(dataset.classes):
-            raise bisenet.SetupError(f'{args.ckpt} predicts {model.num_classes} classes but '
-                                     f'{args.data_path} has {len(dataset.classes)}: evaluate a '
-                                     f'checkpoint trained on this data set')
-        if dataset.cache_note:
-            runtime.print0(dataset.cache_note)
-        limit = 8 if args.prof_test else None           # a few images are enough to profile
-        runtime.print0(f'evaluating {args.ckpt} ({model.backbone_name}, {model.num_classes} '
-                       f'classes) on {min(len(dataset), limit or len(dataset))} images of '
-                       f'{args.data_path}/{args.split}, '
-                       f'{args.mode}{" + ms/flip" if args.aug_test else ""}, {runtime.device}, '
-                       f'{runtime.precision}, {runtime.world_size} process(es)')
-        model = prepare_for_inference(model, runtime, args.compile)
-        profiler = make_profiler(runtime, args.prof_dir) if args.prof_test else None
-        if profiler is not None:
-            profiler.start()
-        metrics = evaluate(model, dataset, runtime, args.mode, args.aug_test, args.out_dir,
-                           args.show_dir, args.workers, log=runtime.print0, profiler=profiler,
-                           limit=limit)
-        if profiler is not None:
-            profiler.stop()
-            runtime.print0(f'profile trace written to {args.prof_dir}')
-        names = dataset.classes
-        if metrics['pixels'] == 0:                  # e.g. Cityscapes' test split
-            runtime.print0('no labelled pixels: metrics skipped'
-                           + (f' (predictions written to {args.out_dir})' if args.out_dir else ''))
-            return
-        runtime.print0(format_table(metrics, names))
-        if args.json and runtime.rank == 0:
-            Path(args.json).write_text(json.dumps(metrics_record(metrics, names), indent=2)
-                                       + '\n')
+            return run_images(args, runtime)
+        run_evaluation(args, runtime)
     except (bisenet.CheckpointError, bisenet.DatasetError, bisenet.SetupError) as e:
         sys.exit(f'error: {bisenet.one_line(e)}')
     except Exception as e:
@@ -702,8 +674,7 @@ def main(argv=None):
         if args.compile and type(e).__module__.startswith(('torch._dynamo', 'torch._inductor')):
             cause = getattr(e, 'inner_exception', None) or e
             sys.exit(f'error: --compile failed at the first image ({type(cause).__name__}: '
-                     f'{str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""}); '
-                     f'drop --compile')
+                     f'{bisenet.one_line(cause)[:200]}); drop --compile')
         raise
     finally:
         if runtime is not None:

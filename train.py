@@ -46,7 +46,7 @@ try:
 except ImportError:
     fcntl = None
 
-from eval import evaluate, format_table, make_profiler, metrics_record
+from eval import evaluate, format_table, metrics_record
 
 # What --demo changes, unless given on the command line: a CPU-sized schedule.
 DEMO_DEFAULTS = dict(iters=300, batch_size=8, crop_size=[128], workers=2, log_interval=25,
@@ -399,7 +399,7 @@ def fault_line(error, args):
     checkpoints = checkpoints_newest_first(Path(args.work_dir))
     resume = f'{checkpoints[0]}' if checkpoints else 'none yet'
     if 'DataLoader worker' in message:
-        return (f'a data-loading worker died ("{message.splitlines()[-1]}"), most likely '
+        return (f'a data-loading worker died ("{bisenet.one_line(error)}"), most likely '
                 f'killed for memory by the out-of-memory killer: run with fewer --workers, or '
                 f'with --cache-dir (decoded images shared through the page cache), and continue '
                 f'with --resume-from auto (last checkpoint: {resume})')
@@ -561,22 +561,14 @@ def train(args, runtime, opened):
                               train_set.palette)
     if args.pretrained:
         bisenet.load_imagenet_backbone(model, args.pretrained)
-    if args.load_from:
-        # Another class count: every weight but the classifiers, which start as a new model's.
-        state_dict = bisenet.read_state_dict(args.load_from, args.trust_pickle)
-        bisenet.load_state_dict(model, state_dict, args.load_from, new_classes=True)
-        theirs = state_dict['decode_head.conv_seg.weight'].shape[0]
-        if theirs != model.num_classes:
-            log(f'--load-from {args.load_from}: loaded every weight but the three classifiers '
-                f'(conv_seg of the decode and both auxiliary heads: {theirs} classes there, '
-                f'{model.num_classes} here), which start as a new model\'s')
-    if runtime.type != 'cpu':
-        # SyncBN where the reference has it (ResNet and heads; the BiSeNet layers keep plain
-        # BN); SyncBatchNorm has no CPU kernel, and with one process it acts as BN.
-        for name in ('decode_head', 'auxiliary_head'):
-            setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
-        context_path = model.backbone.context_path
-        context_path.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(context_path.backbone)
+    if args.load_from:           # of another class count: all but the classifiers
+        bisenet.load_checkpoint(model, args.load_from, args.trust_pickle, new_classes=True,
+                                log=lambda line: log(f'--load-from {line}'))
+    # SyncBN where the reference has it: the ResNet and the heads; the BiSeNet layers keep BN.
+    model.decode_head = runtime.sync_batchnorm(model.decode_head)
+    model.auxiliary_head = runtime.sync_batchnorm(model.auxiliary_head)
+    model.backbone.context_path.backbone = runtime.sync_batchnorm(
+        model.backbone.context_path.backbone)
     model = model.to(runtime.device, memory_format=runtime.train_format)
     optimizer = runtime.sgd(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scaler = runtime.grad_scaler(args.loss_scale)
@@ -647,9 +639,8 @@ def train(args, runtime, opened):
         log(f'TensorBoard events in {work_dir / "tensorboard"}; to watch: tensorboard --logdir '
             f'{work_dir / "tensorboard"}')
         if val_set is not None:
-            first_shard = range(0, len(val_set), runtime.world_size)
-            shown = {first_shard[int(i)] for i in np.linspace(0, len(first_shard) - 1,
-                                                              min(4, len(first_shard)))}
+            own = runtime.shard(len(val_set))
+            shown = {own[int(i)] for i in np.linspace(0, len(own) - 1, min(4, len(own)))}
 
     def checkpoint(iteration, names):
         if runtime.rank != 0:
@@ -666,7 +657,7 @@ def train(args, runtime, opened):
         finally:
             stop.saving = False
 
-    profiler = make_profiler(runtime, work_dir / 'prof') if args.prof else None
+    profiler = runtime.profiler(work_dir / 'prof') if args.prof else None
     if profiler is not None:
         profiler.start()
     perf_warmup = min(10, max(args.iters - start_iter - 1, 0) // 5)
