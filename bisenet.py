@@ -1617,6 +1617,14 @@ class Runtime:
         return (f'the checkpoint\'s loss scaling was {saved}, this run\'s is {mode} '
                 f'({self.precision}): starting with a fresh loss scale')
 
+    def data_parallel(self, model):
+        """`model` in DistributedDataParallel under torchrun (one device a process), else
+        `model` itself."""
+        if not self.distributed:
+            return model
+        device_ids = None if self.type == 'cpu' else [self.device.index]
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
     def sgd(self, parameters, **kwargs):
         """torch.optim.SGD, fused into one kernel on CUDA where this torch has it (not 2.1-2.2):
         faster, and under a GradScaler it needs no host sync (the unfused step reads the

@@ -38,7 +38,6 @@ from pathlib import Path
 import bisenet  # first: it checks that this torch can run next to this NumPy before torch loads
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 try:
@@ -499,8 +498,99 @@ def main(argv=None):
 
 
 def train(args, runtime, opened):
-    """The recipe. Files and handlers it opens go on `opened`, which main() closes."""
+    """The recipe, top-down: data, model and resume, then the loop. What it opens (files, the
+    signal handlers) goes on `opened`, which main() closes however the run ends."""
     work_dir = Path(args.work_dir)                # made and locked by hold_work_dir
+    log, announce = open_log(work_dir, runtime, opened)
+    validate = not (args.no_validate or args.perf or args.prof)
+    train_set, val_set = make_data_sets(args, runtime, validate, log)
+    model, optimizer, scaler = make_model(args, runtime, train_set, log)
+    resumed, start_iter, best_miou = resume(args, runtime, model, optimizer, scaler, log)
+    if start_iter >= args.iters:
+        log(f'{resumed} is at iteration {start_iter}: the run is complete (--iters '
+            f'{args.iters}), nothing to train; give a larger --iters to train on')
+        if args.demo and validate:
+            log(demo_result(best_miou, len(val_set), work_dir))
+        return
+    ddp_model = runtime.data_parallel(model)
+    loader = make_loader(args, runtime, train_set, start_iter)
+    # From here on SIGTERM and SIGINT stop the run at a sync point (the data workers, forked at
+    # the first batch, inherit the handler and leave the decision to this process).
+    stop = opened.enter_context(StopRequest(start_iter, args, validate, announce))
+    log_setup(args, runtime, len(train_set), model.num_classes, log)
+    run = Run(args, runtime, model, optimizer, scaler, val_set, validate, stop, best_miou, log)
+    run.open_records(start_iter, opened)
+    profiler = runtime.profiler(work_dir / 'prof') if args.prof else None
+    if profiler is not None:
+        profiler.start()
+    perf_warmup, perf_start = min(10, max(args.iters - start_iter - 1, 0) // 5), None
+    if args.sync_debug and runtime.type != 'cuda':
+        log('note: --sync-debug checks CUDA devices only')
+
+    # An iteration never waits for the device, so the host can queue the next one: the losses
+    # add up on the device (Window), and the host reads them, checks the run's health and looks
+    # for a stop signal only at a sync point (due(): the same iterations on every rank).
+    model.train()
+    iteration, batches = start_iter, iter(loader)
+    window = Window(iteration + 1, runtime.device)
+    while iteration < args.iters:
+        data_start = time.time()
+        images, labels, params = next(batches)
+        window.data_time += time.time() - data_start
+        images = images.to(runtime.device, non_blocking=True)
+        labels = labels.to(runtime.device, non_blocking=True).long()
+        images = bisenet.distort_and_normalize(images, params)
+        images = images.contiguous(memory_format=runtime.train_format)
+
+        lr = get_lr(iteration, args.lr, args.iters, args.warmup_iters)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        # Dropout's randomness is a function of (seed, iteration, rank): exact resume for free.
+        torch.manual_seed(int(np.random.SeedSequence([args.seed, iteration, runtime.rank])
+                              .generate_state(1)[0]))
+        with runtime.autocast():
+            outputs = ddp_model(images)
+        losses = torch.stack(criterion(outputs, labels))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses.sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        window.add(losses)
+        iteration += 1
+        stop.done = iteration
+
+        if profiler is not None:
+            profiler.step()
+            if iteration - start_iter >= 7:     # the schedule skips one step and warms up one
+                profiler.stop()
+                log(f'profile of iterations {start_iter + 3}-{iteration} written to '
+                    f'{work_dir / "prof"}')
+                return
+        if iteration - start_iter == perf_warmup:
+            runtime.synchronize()
+            perf_start = time.time()
+        if any(due(iteration, args, validate)):
+            window = sync_point(run, iteration, lr, window)
+            if window is None:                  # stopped by a signal, latest.pth saved
+                return
+
+    if args.perf and perf_start is not None:
+        runtime.synchronize()
+        images = (iteration - start_iter - perf_warmup) * args.batch_size * runtime.world_size
+        log(f'FPS: {images / (time.time() - perf_start):.2f}')
+    if args.demo and validate:
+        log(demo_result(run.last_miou, len(val_set), work_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages of train(), in its order
+# ----------------------------------------------------------------------------------------------
+
+
+def open_log(work_dir, runtime, opened):
+    """(log, announce): log prints a line and appends it to WORK_DIR/train.log, on rank 0;
+    announce does the same from a signal handler, which may run inside a print (so with
+    unbuffered writes)."""
     log_file = opened.enter_context(open(work_dir / 'train.log', 'a')) if runtime.rank == 0 \
         else None
 
@@ -511,16 +601,21 @@ def train(args, runtime, opened):
             log_file.flush()
 
     def announce(message):
-        """log() from a signal handler, which may run inside a print: unbuffered writes."""
         if runtime.rank == 0:
             for stream in (sys.stdout, log_file):
                 stream.flush()
                 os.write(stream.fileno(), (message + '\n').encode())
+    return log, announce
 
-    # -- data --------------------------------------------------------------------------------
+
+def make_data_sets(args, runtime, validate, log):
+    """The training set and the validation set (None without validation), after a quick look
+    at their labels (every one of a small set, the same on every rank): a wrong label value
+    costs one line now, not a crash hours into the run. --demo without --data-path writes its
+    synthetic set first."""
     if args.demo and args.data_path is None:
-        args.data_path = str(work_dir / 'demo_data')
-        if runtime.rank == 0 and not (work_dir / 'demo_data' / 'gtFine').is_dir():
+        args.data_path = str(Path(args.work_dir) / 'demo_data')
+        if runtime.rank == 0 and not (Path(args.data_path) / 'gtFine').is_dir():
             bisenet.make_synthetic_cityscapes(args.data_path, seed=args.seed)
         if runtime.distributed:
             torch.distributed.barrier()
@@ -528,12 +623,9 @@ def train(args, runtime, opened):
     train_set = bisenet.SegmentationDataset(
         args.data_path, 'train', bisenet.TrainTransform(args.crop_size, on_device=True),
         cache_dir=args.cache_dir)
-    validate = not (args.no_validate or args.perf or args.prof)
     val_set = (bisenet.SegmentationDataset(args.data_path, 'val',
                                            bisenet.EvalTransform(on_device=True),
                                            cache_dir=args.cache_dir) if validate else None)
-    # A quick look at the labels (every one of a small set), the same on every rank: a wrong
-    # label value costs one line now, not a crash hours into the run.
     for dataset in (train_set, val_set):
         if dataset is None:
             continue
@@ -554,9 +646,13 @@ def train(args, runtime, opened):
                     f'will be padding (ignored pixels); a smaller --crop-size wastes less')
         if dataset.cache_note:
             log(dataset.cache_note)
+    return train_set, val_set
 
-    # -- model -------------------------------------------------------------------------------
-    torch.manual_seed(args.seed)                 # the same initial weights on every process
+
+def make_model(args, runtime, train_set, log):
+    """The model for the data set's classes (the same initial weights on every process, then
+    --pretrained or --load-from), on the device, with its SGD and fp16 loss scaler."""
+    torch.manual_seed(args.seed)
     model = bisenet.BiSeNetV1(len(train_set.classes), args.backbone, train_set.classes,
                               train_set.palette)
     if args.pretrained:
@@ -571,243 +667,214 @@ def train(args, runtime, opened):
         model.backbone.context_path.backbone)
     model = model.to(runtime.device, memory_format=runtime.train_format)
     optimizer = runtime.sgd(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    scaler = runtime.grad_scaler(args.loss_scale)
-    loss_scaling = runtime.loss_scaling(args.loss_scale)
+    return model, optimizer, runtime.grad_scaler(args.loss_scale)
 
-    # -- resume ------------------------------------------------------------------------------
-    start_iter, best_miou = 0, -1.0
-    resume = args.resume_from
-    if resume == 'auto':
-        resume, ckpt = newest_resumable(work_dir, log)
-    elif resume:
-        ckpt = read_resumable(resume)
-    if resume:
-        bisenet.load_state_dict(model, ckpt['model'], source=str(resume))
-        kernels = [{k: g[k] for k in ('foreach', 'fused') if k in g}
-                   for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt['optimizer'])
-        for group, own in zip(optimizer.param_groups, kernels):
-            group.update(own)           # this device's SGD kernel, not the one that saved it
-        fresh_scaler = runtime.load_grad_scaler(scaler, ckpt.get('scaler'), args.loss_scale)
-        if fresh_scaler:
-            log(fresh_scaler)
-        start_iter, best_miou = ckpt['iteration'], ckpt.get('best_miou', -1.0)
-        if start_iter >= args.iters:
-            log(f'{resume} is at iteration {start_iter}: the run is complete (--iters '
-                f'{args.iters}), nothing to train; give a larger --iters to train on')
-            if args.demo and validate:
-                log(demo_result(best_miou, len(val_set), work_dir))
-            return
-        log(f'resumed from {resume} at iteration {start_iter}')
 
-    ddp_model = model
-    if runtime.distributed:
-        device_ids = None if runtime.type == 'cpu' else [runtime.device.index]
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+def resume(args, runtime, model, optimizer, scaler, log):
+    """(checkpoint, iteration, best mIoU) to continue from: --resume-from's checkpoint (with
+    'auto' the newest of the work dir that loads), loaded into the model, optimizer and
+    scaler; (None, 0, -1.0) for a new run."""
+    path, ckpt = args.resume_from, None
+    if path == 'auto':
+        path, ckpt = newest_resumable(Path(args.work_dir), log)
+    elif path:
+        ckpt = read_resumable(path)
+    if ckpt is None:
+        return None, 0, -1.0
+    bisenet.load_state_dict(model, ckpt['model'], source=str(path))
+    kernels = [{k: g[k] for k in ('foreach', 'fused') if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt['optimizer'])
+    for group, own in zip(optimizer.param_groups, kernels):
+        group.update(own)               # this device's SGD kernel, not the one that saved it
+    fresh_scaler = runtime.load_grad_scaler(scaler, ckpt.get('scaler'), args.loss_scale)
+    if fresh_scaler:
+        log(fresh_scaler)
+    if ckpt['iteration'] < args.iters:
+        log(f'resumed from {path} at iteration {ckpt["iteration"]}')
+    return path, ckpt['iteration'], ckpt.get('best_miou', -1.0)
 
+
+def make_loader(args, runtime, train_set, start_iter):
+    """This rank's endless stream of training batches, from sample start_iter x batch on."""
     sampler = bisenet.InfiniteSampler(len(train_set), args.seed, runtime.rank,
                                       runtime.world_size, start=start_iter * args.batch_size)
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
         drop_last=True, persistent_workers=args.workers > 0,   # drop_last: static shapes (NPU)
         **runtime.loader_options())
 
-    # From here on SIGTERM and SIGINT stop the run at a sync point (the data workers, forked at
-    # the first batch, inherit the handler and leave the decision to this process).
-    stop = opened.enter_context(StopRequest(start_iter, args, validate, announce))
+
+def log_setup(args, runtime, images, num_classes, log):
     global_batch = args.batch_size * runtime.world_size
     log(f'BiSeNetV1 {args.backbone} on {runtime.device} x {runtime.world_size} process(es) '
         f'({runtime.backend}), {runtime.precision}; global batch {global_batch} '
         f'({args.batch_size} per device), crop {args.crop_size[0]}x{args.crop_size[1]}, '
         f'{args.iters} iterations, SGD lr {args.lr} (warmup {args.warmup_iters}, poly 0.9 to '
-        f'1e-4), {len(train_set)} training images from {args.data_path}, '
-        f'{model.num_classes} classes')
+        f'1e-4), {images} training images from {args.data_path}, {num_classes} classes')
     if global_batch != 16 and not args.demo:
         log('note: the reference recipe uses a global batch of 16 with lr 0.025')
 
-    # metrics.jsonl and TensorBoard, on rank 0, continue at start_iter + 1: what a killed run
-    # wrote after its last checkpoint is dropped, so that no step is there twice. TensorBoard
-    # gets the curves of the log and of validation, and pictures of the same few validation
-    # images each time, spread over rank 0's share of the split (evaluate()).
-    metrics_file, board, shown = None, None, ()
-    if runtime.rank == 0:
-        keep_records_until(work_dir / 'metrics.jsonl', start_iter)
-        metrics_file = opened.enter_context(open(work_dir / 'metrics.jsonl', 'a'))
-    if args.tensorboard and runtime.rank == 0:
-        board = open_tensorboard(work_dir / 'tensorboard', start_iter)
-        opened.callback(board.close)
-        log(f'TensorBoard events in {work_dir / "tensorboard"}; to watch: tensorboard --logdir '
-            f'{work_dir / "tensorboard"}')
-        if val_set is not None:
-            own = runtime.shard(len(val_set))
-            shown = {own[int(i)] for i in np.linspace(0, len(own) - 1, min(4, len(own)))}
 
-    def checkpoint(iteration, names):
-        if runtime.rank != 0:
-            return
-        state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                 'scaler': scaler.state_dict(), 'iteration': iteration, 'best_miou': best_miou,
-                 'args': vars(args), 'meta': {'dataset_meta': {   # as mmsegmentation writes it
-                     'classes': list(model.classes),
-                     'palette': [list(colour) for colour in model.palette]}}}
-        stop.saving = True              # a second Ctrl-C now drops the file being written
-        try:
-            for name in names:
-                save_checkpoint(state, work_dir / name)
-        finally:
-            stop.saving = False
+class Window:
+    """The iterations since the last log, on the device: each head's loss added up (a
+    non-finite loss is counted instead, since under a dynamic loss scale its step was skipped)
+    and the seconds spent waiting for data."""
 
-    profiler = runtime.profiler(work_dir / 'prof') if args.prof else None
-    if profiler is not None:
-        profiler.start()
-    perf_warmup = min(10, max(args.iters - start_iter - 1, 0) // 5)
-    perf_start = None
+    def __init__(self, first, device):
+        self.first, self.start, self.data_time, self.count = first, time.time(), 0.0, 0
+        self.losses = torch.zeros(3, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
 
-    # -- the loop ----------------------------------------------------------------------------
-    # An iteration never waits for the device, so the host can queue the next one: the losses
-    # add up on the device, and the host reads them, checks the run's health and looks for a
-    # stop signal only at a sync point (an iteration that logs, validates or saves; the same
-    # iterations on every rank).
-    def new_window():
-        return {'time': time.time(), 'data': 0.0, 'count': 0, 'first': iteration + 1,
-                'losses': torch.zeros(3, device=runtime.device),
-                'nonfinite': torch.zeros((), dtype=torch.int64, device=runtime.device)}
-
-    if args.sync_debug and runtime.type != 'cuda':
-        log('note: --sync-debug checks CUDA devices only')
-    model.train()
-    iteration, batches = start_iter, iter(loader)
-    window = new_window()
-    while iteration < args.iters:
-        data_start = time.time()
-        images, labels, params = next(batches)
-        window['data'] += time.time() - data_start
-        images = images.to(runtime.device, non_blocking=True)
-        labels = labels.to(runtime.device, non_blocking=True).long()
-        images = bisenet.distort_and_normalize(images, params)
-        images = images.contiguous(memory_format=runtime.train_format)
-
-        lr = get_lr(iteration, args.lr, args.iters, args.warmup_iters)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        # Dropout's randomness is a function of (seed, iteration, rank): exact resume for free.
-        torch.manual_seed(int(np.random.SeedSequence([args.seed, iteration, runtime.rank])
-                              .generate_state(1)[0]))
-        with runtime.autocast():
-            outputs = ddp_model(images)
-        losses = torch.stack(criterion(outputs, labels))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses.sum()).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        # A non-finite loss is counted, not added: under a dynamic loss scale it is a skipped step.
+    def add(self, losses):
         losses = losses.detach()
         finite = losses.isfinite().all()
-        window['losses'] += torch.where(finite, losses, torch.zeros_like(losses))
-        window['nonfinite'] += ~finite
-        window['count'] += 1
-        iteration += 1
-        stop.done = iteration
-        if profiler is not None:
-            profiler.step()
-            if iteration - start_iter >= 7:     # the schedule skips one step and warms up one
-                profiler.stop()
-                log(f'profile of iterations {start_iter + 3}-{iteration} written to '
-                    f'{work_dir / "prof"}')
-                return
-        if iteration - start_iter == perf_warmup:
-            runtime.synchronize()
-            perf_start = time.time()
+        self.losses += torch.where(finite, losses, torch.zeros_like(losses))
+        self.nonfinite += ~finite
+        self.count += 1
 
-        log_due, val_due, save_due = due(iteration, args, validate)
-        if not (log_due or val_due or save_due):
-            continue
 
-        # -- a sync point: health first, so that no checkpoint ever holds a diverged run -------
-        runtime.forbid_syncs(False)
-        weights_finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
-        signalled = torch.tensor(int(stop.due(iteration)), device=runtime.device)
-        status = torch.stack([window['nonfinite'], (~weights_finite).long(), signalled])
-        nonfinite, broken_weights, stopping = runtime.all_reduce(status).tolist()
-        scale = scaler.get_scale() if loss_scaling == 'dynamic' else None
-        why = divergence(nonfinite, not broken_weights, loss_scaling, scale)
-        if why:
-            hint = ' or --loss-scale' if loss_scaling == 'static' else ''
-            raise bisenet.SetupError(f'training diverged between iterations {window["first"]} and '
-                                     f'{iteration}: {why}; lower --lr{hint} and resume from the '
-                                     f'last checkpoint')
+class Run:
+    """What the sync point reads and writes: the run's parts, and on rank 0 its records besides
+    the log. metrics.jsonl and TensorBoard continue at start_iter + 1 (open_records drops what a
+    killed run wrote after its last checkpoint, so that no step is there twice); TensorBoard
+    gets the log's and validation's curves, and pictures of the same few validation images
+    each time, spread over rank 0's share of the split."""
 
-        if log_due:
-            elapsed = time.time() - window['time']
-            step_time = elapsed / window['count']
-            skipped = int(window['nonfinite'])
-            head_losses = (window['losses'] / max(window['count'] - skipped, 1)).tolist()
-            record = {'iter': iteration, 'lr': lr, 'loss': sum(head_losses),
-                      'loss_decode': head_losses[0], 'loss_aux8': head_losses[1],
-                      'loss_aux16': head_losses[2], 'data_time': window['data'] / window['count'],
-                      'step_time': step_time, 'images_per_s': global_batch / step_time,
-                      'eta_s': step_time * (args.iters - iteration),
-                      **dict([runtime.peak_memory()])}
-            scaling = ''
-            if scale is not None:
-                record.update(loss_scale=scale, skipped_steps=skipped)
-                scaling = f'  scale {scale:g}' + (f' ({skipped} skipped)' if skipped else '')
-            log(f'iter {iteration}/{args.iters}  lr {lr:.3e}  loss {record["loss"]:.4f} '
-                f'(decode {head_losses[0]:.4f} aux8 {head_losses[1]:.4f} aux16 '
-                f'{head_losses[2]:.4f})  data {record["data_time"]:.3f}s  step {step_time:.3f}s  '
-                f'{record["images_per_s"]:.1f} img/s  ETA {format_eta(record["eta_s"])}  '
-                f'{memory_line(record)}{scaling}')
-            if metrics_file:
-                metrics_file.write(json.dumps(record) + '\n')
-                metrics_file.flush()
-            if board:
-                for key, value in record.items():
-                    if key not in ('iter', 'eta_s'):
-                        board.add_scalar(f'train/{key}', value, iteration)
-                board.flush()
-            window = new_window()
+    def __init__(self, args, runtime, model, optimizer, scaler, val_set, validate, stop,
+                 best_miou, log):
+        self.args, self.runtime, self.model, self.optimizer = args, runtime, model, optimizer
+        self.scaler, self.loss_scaling = scaler, runtime.loss_scaling(args.loss_scale)
+        self.val_set, self.validate, self.stop, self.log = val_set, validate, stop, log
+        self.best_miou, self.last_miou = best_miou, None
+        self.metrics_file, self.board, self.shown = None, None, ()
 
-        if val_due:
-            show_dir = work_dir / 'demo_predictions' if args.demo and iteration == args.iters \
-                else None                       # the demo's colour pictures, at its end
-            metrics = evaluate(model, val_set, runtime, show_dir=show_dir,
-                               workers=min(args.workers, 2), log=log, keep_pictures=shown)
-            log(format_table(metrics, model.classes))
-            record = dict({'iter': iteration}, **metrics_record(metrics, model.classes))
-            if metrics_file:
-                metrics_file.write(json.dumps(record) + '\n')
-                metrics_file.flush()
-            if board:
-                for key in ('mIoU', 'mAcc', 'aAcc'):
-                    board.add_scalar(f'val/{key}', record[key], iteration)
-                for key, tag in (('per_class', 'IoU'), ('per_class_acc', 'Acc')):
-                    for name, value in record[key].items():
-                        if value is not None:       # a class absent from labels and predictions
-                            board.add_scalar(f'val/{tag}/{tag_name(name)}', value, iteration)
-                for name, picture in metrics['pictures'].items():
-                    board.add_image(f'val/pictures/{name}', np.asarray(picture), iteration,
-                                    dataformats='HWC')
-                board.flush()
-            if metrics['mIoU'] > best_miou:
-                best_miou = metrics['mIoU']
-                checkpoint(iteration, ['best.pth'])
-                log(f'best mIoU {best_miou:.2f} at iteration {iteration}: saved best.pth')
-        if save_due:
-            checkpoint(iteration, [f'iter_{iteration}.pth', 'latest.pth'])
-        if stopping and iteration < args.iters:
-            checkpoint(iteration, ['latest.pth'])
-            log(f'stopped by {stop.signal or "signal"} at iteration {iteration}: saved latest.pth; '
-                f'continue with --resume-from auto')
+    def open_records(self, start_iter, opened):
+        if self.runtime.rank != 0:
             return
-        runtime.forbid_syncs(args.sync_debug)
+        work_dir = Path(self.args.work_dir)
+        keep_records_until(work_dir / 'metrics.jsonl', start_iter)
+        self.metrics_file = opened.enter_context(open(work_dir / 'metrics.jsonl', 'a'))
+        if self.args.tensorboard:
+            self.board = open_tensorboard(work_dir / 'tensorboard', start_iter)
+            opened.callback(self.board.close)
+            self.log(f'TensorBoard events in {work_dir / "tensorboard"}; to watch: tensorboard '
+                     f'--logdir {work_dir / "tensorboard"}')
+            if self.val_set is not None:
+                own = self.runtime.shard(len(self.val_set))
+                self.shown = {own[int(i)] for i in np.linspace(0, len(own) - 1, min(4, len(own)))}
 
-    if args.perf and perf_start is not None:
-        runtime.synchronize()
-        measured = iteration - start_iter - perf_warmup
-        fps = measured * global_batch / (time.time() - perf_start)
-        log(f'FPS: {fps:.2f}')
-    if args.demo and validate:
-        log(demo_result(metrics['mIoU'], len(val_set), work_dir))
+    def write(self, record, scalars, iteration, pictures=None):
+        """A record into metrics.jsonl, and its `scalars` (tag -> value) and `pictures`
+        (name -> PIL image) into TensorBoard."""
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(record) + '\n')
+            self.metrics_file.flush()
+        if self.board:
+            for tag, value in scalars.items():
+                self.board.add_scalar(tag, value, iteration)
+            for name, picture in (pictures or {}).items():
+                self.board.add_image(f'val/pictures/{name}', np.asarray(picture), iteration,
+                                     dataformats='HWC')
+            self.board.flush()
+
+    def checkpoint(self, iteration, names):
+        """Rank 0 saves the run as it is after `iteration` under each of `names`."""
+        if self.runtime.rank != 0:
+            return
+        model = self.model
+        state = {'model': model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                 'scaler': self.scaler.state_dict(), 'iteration': iteration,
+                 'best_miou': self.best_miou, 'args': vars(self.args),
+                 'meta': {'dataset_meta': {                    # as mmsegmentation writes it
+                     'classes': list(model.classes),
+                     'palette': [list(colour) for colour in model.palette]}}}
+        self.stop.saving = True         # a second Ctrl-C now drops the file being written
+        try:
+            for name in names:
+                save_checkpoint(state, Path(self.args.work_dir) / name)
+        finally:
+            self.stop.saving = False
+
+
+def sync_point(run, iteration, lr, window):
+    """What an iteration due() for does besides its step, in this order: the health check
+    (so that no checkpoint ever holds a diverged run), the log, validation (and best.pth), the
+    checkpoints, the stop signal. Returns the next window, or None where the run stops."""
+    args, runtime, model = run.args, run.runtime, run.model
+    log_due, val_due, save_due = due(iteration, args, run.validate)
+    runtime.forbid_syncs(False)
+    weights_finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+    signalled = torch.tensor(int(run.stop.due(iteration)), device=runtime.device)
+    status = torch.stack([window.nonfinite, (~weights_finite).long(), signalled])
+    nonfinite, broken_weights, stopping = runtime.all_reduce(status).tolist()
+    scale = run.scaler.get_scale() if run.loss_scaling == 'dynamic' else None
+    why = divergence(nonfinite, not broken_weights, run.loss_scaling, scale)
+    if why:
+        hint = ' or --loss-scale' if run.loss_scaling == 'static' else ''
+        raise bisenet.SetupError(f'training diverged between iterations {window.first} and '
+                                 f'{iteration}: {why}; lower --lr{hint} and resume from the '
+                                 f'last checkpoint')
+    if log_due:
+        record = log_window(window, iteration, lr, scale, args, runtime, run.log)
+        run.write(record, {f'train/{key}': value for key, value in record.items()
+                           if key not in ('iter', 'eta_s')}, iteration)
+        window = Window(iteration + 1, runtime.device)
+    if val_due:
+        validate(run, iteration)
+    if save_due:
+        run.checkpoint(iteration, [f'iter_{iteration}.pth', 'latest.pth'])
+    if stopping and iteration < args.iters:
+        run.checkpoint(iteration, ['latest.pth'])
+        run.log(f'stopped by {run.stop.signal or "signal"} at iteration {iteration}: saved '
+                f'latest.pth; continue with --resume-from auto')
+        return None
+    runtime.forbid_syncs(args.sync_debug)
+    return window
+
+
+def log_window(window, iteration, lr, scale, args, runtime, log):
+    """Log the iterations of a window in one line; returns its record (metrics.jsonl and
+    TensorBoard's train/ curves)."""
+    step_time = (time.time() - window.start) / window.count
+    skipped = int(window.nonfinite)
+    head_losses = (window.losses / max(window.count - skipped, 1)).tolist()
+    global_batch = args.batch_size * runtime.world_size
+    record = {'iter': iteration, 'lr': lr, 'loss': sum(head_losses),
+              'loss_decode': head_losses[0], 'loss_aux8': head_losses[1],
+              'loss_aux16': head_losses[2], 'data_time': window.data_time / window.count,
+              'step_time': step_time, 'images_per_s': global_batch / step_time,
+              'eta_s': step_time * (args.iters - iteration), **dict([runtime.peak_memory()])}
+    scaling = ''
+    if scale is not None:
+        record.update(loss_scale=scale, skipped_steps=skipped)
+        scaling = f'  scale {scale:g}' + (f' ({skipped} skipped)' if skipped else '')
+    log(f'iter {iteration}/{args.iters}  lr {lr:.3e}  loss {record["loss"]:.4f} (decode '
+        f'{head_losses[0]:.4f} aux8 {head_losses[1]:.4f} aux16 {head_losses[2]:.4f})  data '
+        f'{record["data_time"]:.3f}s  step {step_time:.3f}s  {record["images_per_s"]:.1f} img/s  '
+        f'ETA {format_eta(record["eta_s"])}  {memory_line(record)}{scaling}')
+    return record
+
+
+def validate(run, iteration):
+    """Validation: the table in the log, the record, best.pth on a new best mIoU."""
+    args, model = run.args, run.model
+    show_dir = Path(args.work_dir) / 'demo_predictions' if args.demo and iteration == args.iters \
+        else None                                       # the demo's colour pictures, at its end
+    metrics = evaluate(model, run.val_set, run.runtime, show_dir=show_dir,
+                       workers=min(args.workers, 2), log=run.log, keep_pictures=run.shown)
+    run.log(format_table(metrics, model.classes))
+    record = dict({'iter': iteration}, **metrics_record(metrics, model.classes))
+    scalars = {f'val/{key}': record[key] for key in ('mIoU', 'mAcc', 'aAcc')}
+    for key, tag in (('per_class', 'IoU'), ('per_class_acc', 'Acc')):
+        scalars.update((f'val/{tag}/{tag_name(name)}', value)
+                       for name, value in record[key].items()
+                       if value is not None)    # None: absent from labels and predictions
+    run.write(record, scalars, iteration, metrics['pictures'])
+    run.last_miou = metrics['mIoU']
+    if metrics['mIoU'] > run.best_miou:
+        run.best_miou = metrics['mIoU']
+        run.checkpoint(iteration, ['best.pth'])
+        run.log(f'best mIoU {run.best_miou:.2f} at iteration {iteration}: saved best.pth')
 
 
 def demo_result(miou, val_images, work_dir):
