@@ -4,6 +4,8 @@
 
 The command-line tests run the scripts as users do (subprocesses, torchrun with gloo on CPU).
 """
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -113,17 +115,33 @@ def torchrun(script, *args, nproc=2):
     return result
 
 
-def run_here(module, *args):
-    """A script's main() run in this process, for errors that end it before any work: what
-    `run` returns for them, without a new interpreter's start. One case of each script still
-    runs as a subprocess, as users run it."""
+def run_here(module, *args, check=False):
+    """A script's main() run in this process, on one thread as `run` runs it: what `run`
+    returns, without a new interpreter's start (torch's import, seconds each). Where the
+    process itself is the point (signals, kills, torchrun, one case of each script as users
+    run it), the tests use `run`."""
+    threads, out, err = torch.get_num_threads(), io.StringIO(), io.StringIO()
+    torch.set_num_threads(1)
     try:
-        module.main([str(a) for a in args])
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.main([str(a) for a in args])
         code = 0
     except SystemExit as e:
         code = e.code
-    message = f'{code}\n' if isinstance(code, str) else ''
-    return subprocess.CompletedProcess(args, 1 if message else code or 0, '', message)
+    finally:
+        torch.set_num_threads(threads)
+    if isinstance(code, str):
+        err.write(f'{code}\n')
+    result = subprocess.CompletedProcess(args, 1 if isinstance(code, str) else code or 0,
+                                         out.getvalue(), err.getvalue())
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def train_here(*args, check=True):
+    """train.py's main() in this process (run_here)."""
+    return run_here(train, *args, check=check)
 
 
 def assert_one_line_error(result, *words):
@@ -852,8 +870,8 @@ def test_train_refuses_a_bad_label_in_one_line_before_the_first_iteration(own_da
     values = np.array(Image.open(label))
     values[:2] = 30
     Image.fromarray(values).save(label)
-    result = run('train.py', '--data-path', root, '--device', 'cpu', '--crop-size', 64,
-                 '--iters', 2, '--workers', 2, '--work-dir', tmp_path / 'work', check=False)
+    result = train_here('--data-path', root, '--device', 'cpu', '--crop-size', 64, '--iters', 2,
+                        '--workers', 2, '--work-dir', tmp_path / 'work', check=False)
     assert_one_line_error(result, str(label), 'holds the value 30', '4 classes')
     assert 'iter ' not in result.stdout and not list((tmp_path / 'work').glob('*.pth'))
 
@@ -871,9 +889,9 @@ def test_fine_tune_from_a_19_class_checkpoint_loads_all_but_the_classifiers(chec
         bisenet.load_checkpoint(bisenet.BiSeNetV1(4), checkpoint)      # only when asked
     with pytest.raises(bisenet.CheckpointError, match='resnet18 BiSeNetV1 but the model is resnet50'):
         bisenet.load_checkpoint(bisenet.BiSeNetV1(4, 'resnet50'), checkpoint, new_classes=True)
-    result = run('train.py', '--data-path', own_data, '--load-from', checkpoint, '--device', 'cpu',
-                 '--crop-size', 64, '--iters', 1, '--workers', 0, '--no-validate', '--work-dir',
-                 tmp_path)
+    result = train_here('--data-path', own_data, '--load-from', checkpoint, '--device', 'cpu',
+                        '--crop-size', 64, '--iters', 1, '--workers', 0, '--no-validate',
+                        '--work-dir', tmp_path)
     assert 'loaded every weight but the three classifiers' in result.stdout
     assert '19 classes there, 4 here' in result.stdout
 
@@ -1264,8 +1282,8 @@ def test_loss_averages_over_all_pixels_ignored_ones_included():
 
 def test_exact_resume_is_bit_identical(data, tmp_path):
     common = [*TINY, '--data-path', data, '--iters', 6, '--ckpt-interval', 2, '--seed', 5]
-    run('train.py', *common, '--work-dir', tmp_path / 'full', '--workers', 0)
-    run('train.py', *common, '--work-dir', tmp_path / 'resumed', '--workers', 2,
+    train_here(*common, '--work-dir', tmp_path / 'full', '--workers', 0)
+    train_here(*common, '--work-dir', tmp_path / 'resumed', '--workers', 2,
         '--resume-from', tmp_path / 'full' / 'iter_4.pth')
     full, resumed = (torch.load(tmp_path / d / 'latest.pth', weights_only=True)
                      for d in ('full', 'resumed'))
@@ -1314,7 +1332,7 @@ def test_sigterm_saves_at_the_announced_sync_point_and_a_second_ctrl_c_quits_at_
     assert_one_line_error(subprocess.CompletedProcess(command, job.returncode, out, err),
                           'interrupted (Ctrl-C)', f'last: {tmp_path / "latest.pth"}')
     assert (tmp_path / 'latest.pth').read_bytes() == saved and not list(tmp_path.glob('*.tmp'))
-    result = run('train.py', *common, '--iters', announced + 2, '--resume-from', 'auto')
+    result = train_here(*common, '--iters', announced + 2, '--resume-from', 'auto')
     assert f'resumed from {tmp_path / "latest.pth"} at iteration {announced}' in result.stdout
     assert train.read_resumable(tmp_path / 'latest.pth')['iteration'] == announced + 2
 
@@ -1362,7 +1380,7 @@ def test_tensorboard_curves_and_pictures_continue_after_a_kill_and_resume(own_da
     process.wait()
     orphaned, _ = read_events(tmp_path / 'tensorboard')
     assert orphaned['train/loss'][-2:] == [12, 16] and orphaned['val/mIoU'] == [12]
-    result = run('train.py', *args[2:], '--resume-from', 'auto')
+    result = train_here(*args[2:], '--resume-from', 'auto')
     assert f'tensorboard --logdir {tmp_path / "tensorboard"}' in result.stdout
     scalars, pictures = read_events(tmp_path / 'tensorboard')
     for tag in ('train/loss', 'train/loss_decode', 'train/lr', 'train/images_per_s'):
@@ -1390,8 +1408,8 @@ def test_tensorboard_without_the_package_is_one_line(data, tmp_path):
 def test_train_with_a_cache_says_where_and_how_large(data, tmp_path):
     # An entry is a 4 KiB header, then 4 bytes a pixel (RGB and the label): 8 images of 128 x 64.
     entry = 4096 + 128 * 64 * 4
-    result = run('train.py', *TINY, '--data-path', data, '--iters', 2, '--workers', 1,
-                 '--work-dir', tmp_path / 'run', '--cache-dir', tmp_path / 'cache')
+    result = train_here(*TINY, '--data-path', data, '--iters', 2, '--workers', 1,
+                        '--work-dir', tmp_path / 'run', '--cache-dir', tmp_path / 'cache')
     assert (f'decoded-data cache {tmp_path / "cache" / "train"}: 8 images, '
             f'{8 * entry / 1e6:.2f} MB ({8 * entry / 1e6:.2f} MB still to write') in result.stdout
     written = len(list((tmp_path / 'cache' / 'train').rglob('*.rgbl')))
@@ -1598,9 +1616,9 @@ def test_a_second_run_in_a_live_work_dir_is_refused_in_one_line(data, tmp_path):
 def test_auto_resume_skips_checkpoints_that_cannot_be_read(data, tmp_path):
     common = [*TINY, '--data-path', data, '--ckpt-interval', 2, '--workers', 2,
               '--work-dir', tmp_path]
-    run('train.py', *common, '--iters', 4)
+    train_here(*common, '--iters', 4)
     (tmp_path / 'latest.pth').write_bytes((tmp_path / 'latest.pth').read_bytes()[:1000])
-    result = run('train.py', *common, '--iters', 6, '--resume-from', 'auto')
+    result = train_here(*common, '--iters', 6, '--resume-from', 'auto')
     assert f'skipped {tmp_path / "latest.pth"}: cannot read checkpoint' in result.stdout
     assert f'resumed from {tmp_path / "iter_4.pth"} at iteration 4' in result.stdout
     for path in tmp_path.glob('*.pth'):
@@ -1627,20 +1645,20 @@ def test_a_killed_data_worker_ends_the_run_in_one_line(data, tmp_path):
 def test_demo_on_a_tiny_budget_then_its_resume_says_it_is_complete(tmp_path):
     demo = ['--demo', '--iters', 4, '--crop-size', 64, 64, '--batch-size', 2, '--work-dir',
             tmp_path, '--val-interval', 4, '--workers', 0]
-    result = run('train.py', *demo)
+    result = train_here(*demo)
     done = result.stdout.strip().splitlines()[-1]
     assert done.startswith('demo done: mIoU')
     assert list((tmp_path / 'demo_predictions').rglob('*.png'))
     assert (tmp_path / 'best.pth').is_file()
-    again = run('train.py', *demo, '--resume-from', 'auto')
+    again = train_here(*demo, '--resume-from', 'auto')
     assert 'Traceback' not in again.stderr
     assert f'{tmp_path / "latest.pth"} is at iteration 4: the run is complete' in again.stdout
     assert again.stdout.strip().splitlines()[-1] == done
 
 
 def test_perf_mode_prints_fps(data, tmp_path):
-    result = run('train.py', *TINY, '--data-path', data, '--iters', 6, '--perf', '--workers', 0,
-                 '--work-dir', tmp_path)
+    result = train_here(*TINY, '--data-path', data, '--iters', 6, '--perf', '--workers', 0,
+                        '--work-dir', tmp_path)
     assert result.stdout.strip().splitlines()[-1].startswith('FPS: ')
     assert not list(tmp_path.glob('*.pth'))
 
@@ -1671,24 +1689,23 @@ def test_one_size_crop_is_square_and_two_are_h_w(data, tmp_path):
     assert bisenet.parse_crop_size([64, 128]) == (64, 128)
     with pytest.raises(bisenet.SetupError, match='one positive size or H W'):
         bisenet.parse_crop_size([1, 2, 3])
-    result = run('train.py', *TINY, '--data-path', data, '--iters', 2, '--workers', 0,
-                 '--crop-size', 96, '--work-dir', tmp_path)
+    result = train_here(*TINY, '--data-path', data, '--iters', 2, '--workers', 0,
+                        '--crop-size', 96, '--work-dir', tmp_path)
     assert 'crop 96x96' in result.stdout
 
 
 def test_resuming_with_the_other_backbone_says_which_backbone(data, tmp_path):
-    run('train.py', *TINY, '--data-path', data, '--iters', 2, '--workers', 0, '--work-dir', tmp_path)
+    train_here(*TINY, '--data-path', data, '--iters', 2, '--workers', 0, '--work-dir', tmp_path)
     result = run_here(train, *TINY, '--data-path', data, '--iters', 4, '--workers', 0,
                       '--work-dir', tmp_path, '--resume-from', 'auto', '--backbone', 'resnet50')
     assert_one_line_error(result, 'is a resnet18 BiSeNetV1', 'run with --backbone resnet18')
 
 
 def test_a_diverging_run_stops_in_one_line_before_saving_it(data, tmp_path):
-    run('train.py', *TINY, '--data-path', data, '--iters', 2, '--workers', 0,
-        '--work-dir', tmp_path)
+    train_here(*TINY, '--data-path', data, '--iters', 2, '--workers', 0, '--work-dir', tmp_path)
     saved = (tmp_path / 'latest.pth').read_bytes()
-    result = run('train.py', *TINY, '--data-path', data, '--iters', 6, '--workers', 0,
-                 '--work-dir', tmp_path, '--resume-from', 'auto', '--lr', 1e30, check=False)
+    result = train_here(*TINY, '--data-path', data, '--iters', 6, '--workers', 0,
+                        '--work-dir', tmp_path, '--resume-from', 'auto', '--lr', 1e30, check=False)
     assert_one_line_error(result, 'training diverged between iterations 3 and 4', 'lower --lr')
     assert (tmp_path / 'latest.pth').read_bytes() == saved        # nothing diverged was saved
     assert not (tmp_path / 'iter_4.pth').exists()
@@ -1735,8 +1752,8 @@ def test_torch_before_2_3_with_numpy_2_is_named_in_one_line():
 
 
 def test_prof_names_the_iterations_it_records(data, tmp_path):
-    result = run('train.py', *TINY, '--data-path', data, '--iters', 20, '--workers', 0,
-                 '--work-dir', tmp_path, '--prof')
+    result = train_here(*TINY, '--data-path', data, '--iters', 20, '--workers', 0,
+                        '--work-dir', tmp_path, '--prof')
     assert 'profile of iterations 3-7 written' in result.stdout
     traces = list((tmp_path / 'prof').glob('*.json'))
     assert len(traces) == 1
