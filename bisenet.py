@@ -24,6 +24,7 @@ one copy.
     python bisenet.py --bench-data ROOT --cache-dir DIR   # ... and with a warm decoded cache
 """
 import argparse
+import collections
 import concurrent.futures
 import functools
 import inspect
@@ -75,6 +76,62 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------
+# Errors a user can cause, and the one line that reports each
+# ----------------------------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+class DatasetError(ValueError):
+    """A data set folder that cannot be used as it is."""
+
+
+class SetupError(RuntimeError):
+    """A device, precision or launch setting that cannot work on this machine."""
+
+
+def one_line(error):
+    """The message of an error as one line, without its type's name: the message's first
+    line, or for an error re-raised from a DataLoader worker, whose message carries the
+    worker's traceback, the last: the original error's."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    lines = text.splitlines()
+    line = lines[-1] if 'Traceback (most recent call last)' in text else lines[0]
+    name = type(error).__name__
+    for prefix in (f'{__name__}.{name}: ', f'{name}: '):
+        line = line[len(prefix):] if line.startswith(prefix) else line
+    return line
+
+
+def make_dir(path, flag):
+    """Create the output folder `path` (given by `flag`) up front: a path that cannot be a
+    folder fails in one line before any work, not at the end of it."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SetupError(f'{flag} {path}: cannot create this folder ({e.strerror}); '
+                         f'give a writable folder') from None
+    return Path(path)
+
+
+def more(problems, root):
+    """What follows the first of several problems in a one-line error."""
+    if len(problems) == 1:
+        return ''
+    return (f' (and {len(problems) - 1} more problems: python bisenet.py --check-data {root} '
+            f'lists them all)')
+
+
+def size_text(size):
+    """A size in bytes for people: GB from a gigabyte on, MB with two decimals below."""
+    return f'{size / 1e9:.1f} GB' if size >= 1e9 else f'{size / 1e6:.2f} MB'
+
 
 # ----------------------------------------------------------------------------------------------
 # Model
@@ -344,10 +401,6 @@ def fold_batchnorm(model):
 # ----------------------------------------------------------------------------------------------
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
-
-
 def read_state_dict(path, trust_pickle=False):
     """The model weights of a checkpoint file: ours ({'model': ...}), mmsegmentation's
     ({'state_dict': ...}), or a bare state dict. Loads with weights_only=True unless the user
@@ -488,8 +541,9 @@ def load_imagenet_backbone(model, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data sets: Cityscapes, or your own (classes.txt, images/, labels/)
+# Data, 1: classes, and how labels become train ids
 # ----------------------------------------------------------------------------------------------
+
 
 CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light',
            'traffic sign', 'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck',
@@ -506,6 +560,17 @@ IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 EXIF_ORIENTATION = 0x0112
 
 
+def train_id_table():
+    """256-entry lookup from raw Cityscapes label id to train id (255 for every other id)."""
+    table = np.full(256, IGNORE_INDEX, np.uint8)
+    table[list(LABEL_IDS)] = np.arange(len(LABEL_IDS))
+    return table
+
+
+TRAIN_IDS = train_id_table()
+TRAIN_IDS_LIST = TRAIN_IDS.tolist()      # the form PIL's Image.point takes
+
+
 def lookup_table(values, fill=0):
     """A 256-entry uint8 table that maps i to values[i], and every i past them to `fill`:
     train ids to colours ((256, 3)) or to Cityscapes label ids, label ids to train ids."""
@@ -519,21 +584,6 @@ def cityscapes_label_ids(classes):
     """Cityscapes' raw label id of each train id, for a model of Cityscapes' classes: what its
     evaluation scripts and benchmark server read in a label map; None for any other classes."""
     return LABEL_IDS if tuple(classes) == CLASSES else None
-
-
-def train_id_table():
-    """256-entry lookup from raw Cityscapes label id to train id (255 for every other id)."""
-    table = np.full(256, IGNORE_INDEX, np.uint8)
-    table[list(LABEL_IDS)] = np.arange(len(LABEL_IDS))
-    return table
-
-
-TRAIN_IDS = train_id_table()
-TRAIN_IDS_LIST = TRAIN_IDS.tolist()      # the form PIL's Image.point takes
-
-
-class DatasetError(ValueError):
-    """A data set folder that cannot be used as it is."""
 
 
 def default_palette(count, taken=()):
@@ -564,13 +614,19 @@ def class_meta(num_classes, classes=None, palette=None):
     return classes, tuple(tuple(int(v) for v in colour) for colour in palette)
 
 
+ClassList = collections.namedtuple('ClassList', 'names palette ignore_colours all_coloured id_table')
+ClassList.__doc__ = """What a data set's labels mean: the class names in train-id order, their colours, the
+colours of ignored pixels, whether every class has a colour of its own (what reading colour
+labels needs), and the id table of its index labels (None: the values are the train ids)."""
+CITYSCAPES = ClassList(CLASSES, PALETTE, (), True, None)
+
+
 def read_classes(path):
     """classes.txt: one class a line, in train-id order, as 'NAME' or 'NAME R G B' (names may
     hold spaces); 'ignore: [NAME] R G B' names a colour whose pixels are ignored; a line
     'reduce_zero_label' says that index labels count from 1 with 0 ignored (ADE20K, as
-    mmsegmentation's option of that name); lines starting with '#' are comments. Returns
-    (names, colours, ignore colours, whether every class has a colour of its own: what reading
-    colour labels needs, the id table of index labels or None)."""
+    mmsegmentation's option of that name); lines starting with '#' are comments. Returns a
+    ClassList."""
     names, colours, ignored, id_table = [], [], [], None
     for number, line in enumerate(path.read_text(encoding='utf-8-sig').splitlines(), 1):
         line = line.strip()
@@ -608,43 +664,7 @@ def read_classes(path):
             raise DatasetError(f'{path} lists the {what} {repeated[0]} twice: each must be unique')
     defaults = iter(default_palette(colours.count(None), taken=set(colours) | set(ignored)))
     palette = tuple(colour or next(defaults) for colour in colours)
-    return tuple(names), palette, tuple(ignored), None not in colours, id_table
-
-
-def exif_orientation(image):
-    """The EXIF orientation of an opened image file (1: as stored), from its header: a PNG that
-    keeps its EXIF after the pixels counts as unturned, since finding it there means decoding."""
-    if image.format == 'PNG' and 'exif' not in image.info:
-        return 1
-    return image.getexif().get(EXIF_ORIENTATION, 1)
-
-
-# What Pillow raises for a file it cannot read: damaged, not an image, or a decompression bomb.
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-def open_image(path):
-    """An image file as RGB, turned as its EXIF orientation says (as cv2 loads it for the
-    reference); also the size it has before that turn."""
-    image = Image.open(path)
-    stored_size = image.size
-    if exif_orientation(image) != 1:
-        image = ImageOps.exif_transpose(image)
-    image.load()
-    return (image if image.mode == 'RGB' else image.convert('RGB')), stored_size
-
-
-def size_problem(image_path, size, stored_size, label_path, label_size):
-    """Why an image and its label do not fit together, or None."""
-    if size == label_size:
-        return None
-    problem = f'{image_path} is {size[0]}x{size[1]} but its label {label_path} is ' \
-              f'{label_size[0]}x{label_size[1]}'
-    if label_size == stored_size:
-        problem += (': the sizes match only without the image\'s EXIF rotation, so the label was '
-                    'drawn on the unrotated image; rotate the label too, or save the image '
-                    'without its EXIF orientation')
-    return problem
+    return ClassList(tuple(names), palette, tuple(ignored), None not in colours, id_table)
 
 
 UNLISTED = 254      # a colour classes.txt does not list (never a class: read_classes takes 254)
@@ -662,20 +682,108 @@ def colour_table(palette, ignore_colours):
     return table
 
 
-class Layout:
-    """Where a data set folder keeps a split's images and labels, and what its labels mean.
+def index_image(label, path):
+    """A label of another index mode as mode L: 1-bit (0/1), 16-bit grey, grey with alpha."""
+    if label.mode not in ('1', 'I', 'I;16', 'I;16B', 'I;16L', 'LA', 'PA'):
+        raise DatasetError(f'{path} is a {label.mode} image: save labels as index PNGs (mode L '
+                           f'or P) or as RGB PNGs in the colours of classes.txt')
+    values = np.asarray(label)
+    values = values[..., 0] if values.ndim == 3 else values
+    if values.max(initial=0) > 255:
+        raise DatasetError(f'{path} holds the value {int(values.max())}: label values are train '
+                           f'ids, 0-254, or 255 for pixels to ignore')
+    return Image.fromarray(values.astype(np.uint8))
 
-    Cityscapes: ROOT/leftImg8bit/SPLIT/[CITY/]NAME_leftImg8bit.png beside
+
+# ----------------------------------------------------------------------------------------------
+# Data, 2: layouts, where a split's images and labels are
+# ----------------------------------------------------------------------------------------------
+
+
+Sample = collections.namedtuple('Sample', 'image label id_table')
+Sample.__doc__ = """One image file and its label file; id_table (256 entries, for Image.point) turns the
+label's values into train ids, or is None where they are train ids already."""
+
+
+def cityscapes_files(layout, split):
+    """Cityscapes: ROOT/leftImg8bit/SPLIT/[CITY/]NAME_leftImg8bit.png beside
     ROOT/gtFine/SPLIT/[CITY/]NAME_gtFine_labelIds.png (raw ids, mapped to train ids as they
-    load) or NAME_gtFine_labelTrainIds.png; the 19 classes of CLASSES. City folders are
-    optional (the Ascend port's flat layout).
+    load) or NAME_gtFine_labelTrainIds.png. City folders are optional (the Ascend port's flat
+    layout). Returns what pair_up takes."""
+    image_dir = layout.root / 'leftImg8bit' / split
+    label_dir = layout.root / 'gtFine' / split
+    for folder in (image_dir, label_dir):
+        if not folder.is_dir():
+            raise DatasetError(f'{folder} is missing: expected the Cityscapes layout '
+                               f'leftImg8bit/{split}/ and gtFine/{split}/ under {layout.root}')
+    images, labels = {}, {}
+    for image in sorted(image_dir.rglob('*_leftImg8bit.png')):
+        name = image.relative_to(image_dir).as_posix()[:-len('_leftImg8bit.png')]
+        images[name] = image
+        for suffix, id_table in (('labelIds', TRAIN_IDS_LIST), ('labelTrainIds', None)):
+            label = label_dir / f'{name}_gtFine_{suffix}.png'
+            if label.is_file():          # raw ids first: mapped as they load
+                labels[name] = (label, id_table)
+                break
+    if not images:
+        raise DatasetError(f'no *_leftImg8bit.png images under {image_dir}')
+    return (images, labels, lambda name: label_dir / f'{name}_gtFine_labelIds.png', None, [])
 
-    Your own: ROOT/classes.txt (read_classes), ROOT/images/SPLIT/**/NAME.{png,jpg,jpeg} and
-    ROOT/labels/SPLIT/**/NAME.png, the same relative path and stem. ADE20K's names work too:
-    annotations/ for labels/, training/ and validation/ for train/ and val/ (and its labels that
-    count from 1: 'reduce_zero_label' in classes.txt). A label is an index image (mode L or P:
-    the value, a palette PNG's index, is the train id; 255 = ignore) or an RGB image in
-    classes.txt's colours.
+
+def own_files(layout, split):
+    """Your own: ROOT/images/SPLIT/**/NAME.{png,jpg,jpeg} beside ROOT/labels/SPLIT/**/NAME.png,
+    the same relative path and stem; ADE20K's names too (annotations/ for labels/, training/
+    and validation/ for train/ and val/). Returns what pair_up takes."""
+    image_dir, label_dir = layout.folder('images', split), layout.folder('labels', split)
+    for folder in (image_dir, label_dir):
+        if not folder.is_dir():
+            raise DatasetError(f'{folder} is missing: expected images/{split}/ and '
+                               f'labels/{split}/ under {layout.root}')
+    images, labels, problems = {}, {}, []
+    for folder, found in ((image_dir, images), (label_dir, labels)):
+        for path in sorted(folder.rglob('*')):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                name = path.relative_to(folder).with_suffix('').as_posix()
+                if name in found:
+                    problems.append(f'{found[name]} and {path} share the name {name}: '
+                                    f'rename one of them')
+                found[name] = path
+    if not images:
+        raise DatasetError(f'no PNG or JPEG images under {image_dir}: the split is empty')
+    return ({name: path for name, path in images.items()},
+            {name: (path, layout.id_table) for name, path in labels.items()},
+            lambda name: label_dir / f'{name}.png',
+            lambda name: f'{image_dir / name}.png or .jpg', problems)
+
+
+def pair_up(images, labels, expected_label, expected_image, problems):
+    """A split's samples from a layout's files: images {name: path}, labels {name: (path, id
+    table)}, where a missing label or image of a name is expected, and the problems found so
+    far. Returns (samples, their names, every problem): an image without its label, a label
+    without its image, a JPEG label."""
+    samples, names = [], []
+    for name, image in images.items():
+        if name not in labels:
+            problems.append(f'label missing for {image}: expected {expected_label(name)}')
+            continue
+        label, id_table = labels[name]
+        if label.suffix.lower() != '.png':
+            problems.append(f'{label} is a JPEG label: JPEG compression invents label values '
+                            f'at every edge; save labels as PNG')
+            continue
+        samples.append(Sample(image, label, id_table))
+        names.append(name)
+    problems += [f'label without an image: {label} (expected {expected_image(name)})'
+                 for name, (label, _) in labels.items() if name not in images]
+    return samples, names, problems
+
+
+class Layout:
+    """A data set folder: which layout it has (cityscapes_files or own_files says where a
+    split's files are), what its labels mean (ClassList: Cityscapes' classes, or classes.txt's)
+    and how a label file becomes train ids (read_label). A label is an index image (mode L or
+    P: the value, a palette PNG's index, is the train id, or with an id table maps to one; 255
+    = ignore) or an RGB image in classes.txt's colours.
     """
 
     SPLIT_ALIASES = {'train': 'training', 'val': 'validation'}
@@ -686,8 +794,9 @@ class Layout:
             raise DatasetError(f'data path {root} does not exist')
         self.cityscapes = (root / 'leftImg8bit').is_dir() or (root / 'gtFine').is_dir()
         if self.cityscapes:
-            self.classes, self.palette, self.ignore_colours = CLASSES, PALETTE, ()
-            self.classes_file, self.reads_colours, self.id_table = None, True, None
+            self.classes_file, self.class_list = None, CITYSCAPES
+            self.classes, self.palette, self.ignore_colours, self.reads_colours, self.id_table = \
+                CITYSCAPES
             return
         self.classes_file = root / 'classes.txt'
         if not self.classes_file.is_file():
@@ -696,8 +805,9 @@ class Layout:
                                    f'one per line in train-id order (README: "Your own data set")')
             raise DatasetError(f'{root} holds neither Cityscapes (leftImg8bit/, gtFine/) nor a '
                                f'data set of your own (classes.txt, images/, labels/)')
+        self.class_list = read_classes(self.classes_file)
         self.classes, self.palette, self.ignore_colours, self.reads_colours, self.id_table = \
-            read_classes(self.classes_file)
+            self.class_list
 
     def folder(self, kind, split):
         """ROOT/KIND/SPLIT, or the first of its aliases that exists."""
@@ -707,63 +817,10 @@ class Layout:
         return next((c for c in candidates if c.is_dir()), candidates[0])
 
     def find(self, split):
-        """A split's samples (image path, label path, id table for Image.point or None), the
-        names its outputs are written under, and the problems of pairing them up."""
-        if self.cityscapes:
-            return self.find_cityscapes(split)
-        image_dir, label_dir = self.folder('images', split), self.folder('labels', split)
-        for folder in (image_dir, label_dir):
-            if not folder.is_dir():
-                raise DatasetError(f'{folder} is missing: expected images/{split}/ and '
-                                   f'labels/{split}/ under {self.root}')
-        images, labels, problems = {}, {}, []
-        for folder, found in ((image_dir, images), (label_dir, labels)):
-            for path in sorted(folder.rglob('*')):
-                if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                    name = path.relative_to(folder).with_suffix('').as_posix()
-                    if name in found:
-                        problems.append(f'{found[name]} and {path} share the name {name}: '
-                                        f'rename one of them')
-                    found[name] = path
-        samples, names = [], []
-        for name, image in images.items():
-            label = labels.get(name)
-            if label is None:
-                problems.append(f'image without a label: {image} (expected {label_dir}/{name}.png)')
-            elif label.suffix.lower() != '.png':
-                problems.append(f'{label} is a JPEG label: JPEG compression invents label values '
-                                f'at every edge; save labels as PNG')
-            else:
-                samples.append((image, label, self.id_table))
-                names.append(name)
-        problems += [f'label without an image: {label} (expected {image_dir}/{name}.png or .jpg)'
-                     for name, label in labels.items() if name not in images]
-        if not images:
-            raise DatasetError(f'no PNG or JPEG images under {image_dir}: the split is empty')
-        return samples, names, problems
-
-    def find_cityscapes(self, split):
-        image_dir, label_dir = self.root / 'leftImg8bit' / split, self.root / 'gtFine' / split
-        for folder in (image_dir, label_dir):
-            if not folder.is_dir():
-                raise DatasetError(f'{folder} is missing: expected the Cityscapes layout '
-                                   f'leftImg8bit/{split}/ and gtFine/{split}/ under {self.root}')
-        samples, names, problems = [], [], []
-        for image in sorted(image_dir.rglob('*_leftImg8bit.png')):
-            name = image.relative_to(image_dir).as_posix()[:-len('_leftImg8bit.png')]
-            raw = label_dir / f'{name}_gtFine_labelIds.png'
-            train = label_dir / f'{name}_gtFine_labelTrainIds.png'
-            if raw.is_file():
-                samples.append((image, raw, TRAIN_IDS_LIST))    # raw ids, mapped as they load
-            elif train.is_file():
-                samples.append((image, train, None))
-            else:
-                problems.append(f'label missing for {image}: expected {raw}')
-                continue
-            names.append(name)
-        if not samples and not problems:
-            raise DatasetError(f'no *_leftImg8bit.png images under {image_dir}')
-        return samples, names, problems
+        """A split's samples (Sample), the names its outputs are written under, and the
+        problems of pairing its images and labels up."""
+        files = cityscapes_files if self.cityscapes else own_files
+        return pair_up(*files(self, split))
 
     def read_label(self, path, id_table=None, pixels=True):
         """A label file as train ids, a PIL image of mode L (or P: its indices), and their
@@ -848,35 +905,87 @@ class Layout:
         return ids, counts
 
 
-def index_image(label, path):
-    """A label of another index mode as mode L: 1-bit (0/1), 16-bit grey, grey with alpha."""
-    if label.mode not in ('1', 'I', 'I;16', 'I;16B', 'I;16L', 'LA', 'PA'):
-        raise DatasetError(f'{path} is a {label.mode} image: save labels as index PNGs (mode L '
-                           f'or P) or as RGB PNGs in the colours of classes.txt')
-    values = np.asarray(label)
-    values = values[..., 0] if values.ndim == 3 else values
-    if values.max(initial=0) > 255:
-        raise DatasetError(f'{path} holds the value {int(values.max())}: label values are train '
-                           f'ids, 0-254, or 255 for pixels to ignore')
-    return Image.fromarray(values.astype(np.uint8))
+# ----------------------------------------------------------------------------------------------
+# Data, 3: reading a sample, and checking a split
+# ----------------------------------------------------------------------------------------------
+
+
+# What Pillow raises for a file it cannot read: damaged, not an image, or a decompression bomb.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def exif_orientation(image):
+    """The EXIF orientation of an opened image file (1: as stored), from its header: a PNG that
+    keeps its EXIF after the pixels counts as unturned, since finding it there means decoding."""
+    if image.format == 'PNG' and 'exif' not in image.info:
+        return 1
+    return image.getexif().get(EXIF_ORIENTATION, 1)
+
+
+def image_header(path):
+    """(size, stored size) of an image file, from its header: the size its EXIF orientation
+    turns it to, and the size it is stored in."""
+    try:
+        with Image.open(path) as image:
+            stored_size = image.size
+            turned = exif_orientation(image) in (5, 6, 7, 8)
+    except IMAGE_ERRORS as e:
+        raise DatasetError(f'cannot read {path}: {e}') from None
+    return (stored_size[::-1] if turned else stored_size), stored_size
+
+
+def open_image(path):
+    """An image file as RGB, turned as its EXIF orientation says (as cv2 loads it for the
+    reference); also the size it has before that turn."""
+    image = Image.open(path)
+    stored_size = image.size
+    if exif_orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
+    image.load()
+    return (image if image.mode == 'RGB' else image.convert('RGB')), stored_size
+
+
+def size_problem(image_path, size, stored_size, label_path, label_size):
+    """Why an image and its label do not fit together, or None."""
+    if size == label_size:
+        return None
+    problem = f'{image_path} is {size[0]}x{size[1]} but its label {label_path} is ' \
+              f'{label_size[0]}x{label_size[1]}'
+    if label_size == stored_size:
+        problem += (': the sizes match only without the image\'s EXIF rotation, so the label was '
+                    'drawn on the unrotated image; rotate the label too, or save the image '
+                    'without its EXIF orientation')
+    return problem
+
+
+def read_sample(layout, sample, pixels=True):
+    """The image and label of a Sample, checked; what the check, the data set and its cache
+    read. With pixels: (RGB image, train-id label (PIL, L), the label's histogram of train
+    ids). Without: (the image's size from its header, the label as stored, the histogram), at
+    about a decode of the label's cost. Raises DatasetError naming the file: unreadable, a
+    value or colour that is no class, an image and label of different sizes."""
+    image_path, label_path, id_table = sample
+    if pixels:
+        try:
+            image, stored_size = open_image(image_path)
+        except IMAGE_ERRORS as e:
+            raise DatasetError(f'cannot read {image_path}: {e}') from None
+        size = image.size
+    else:
+        size, stored_size = image_header(image_path)
+        image = size
+    label, counts = layout.read_label(label_path, id_table, pixels)
+    problem = size_problem(image_path, size, stored_size, label_path, label.size)
+    if problem:
+        raise DatasetError(problem)
+    return image, label, counts
 
 
 def look_at(layout, sample):
     """What a check learns of one sample without decoding its image: (image size, histogram
     of the label's train ids, None), or (None, None, the problem)."""
-    image_path, label_path, id_table = sample
     try:
-        try:
-            with Image.open(image_path) as image:
-                stored_size = image.size
-                turned = exif_orientation(image) in (5, 6, 7, 8)
-        except IMAGE_ERRORS as e:
-            raise DatasetError(f'cannot read {image_path}: {e}') from None
-        size = stored_size[::-1] if turned else stored_size
-        label, counts = layout.read_label(label_path, id_table, pixels=False)
-        problem = size_problem(image_path, size, stored_size, label_path, label.size)
-        if problem:
-            raise DatasetError(problem)
+        size, _, counts = read_sample(layout, sample, pixels=False)
         return size, counts, None
     except DatasetError as e:
         return None, None, str(e)
@@ -934,117 +1043,9 @@ def survey(layout, split, samples, limit=None, processes=1):
             'warnings': warnings_}
 
 
-class SegmentationDataset(torch.utils.data.Dataset):
-    """One split of a data set folder in either Layout: images with their labels as train ids
-    (0 to C-1, 255 = ignore), C = len(classes); `classes` and `palette` name and colour them.
-
-    Without a transform an item is (RGB uint8 array (H, W, 3), train-id uint8 array (H, W)).
-    With one it is transform(image, label, rng); the key may be an int, or (index, rng_key) from
-    InfiniteSampler so that the sample's randomness is fixed by its place in the stream.
-    A label value that is not a class, an unlisted colour or a size mismatch raises
-    DatasetError naming the file when the sample is read (survey() finds them up front).
-    With cache_dir, each sample is decoded once into a DecodedCache there (CACHE_DIR/SPLIT) and
-    memory-mapped after; the transforms give the same samples either way. `cache_note` says
-    where the cache is and how large, or why it is not used (too little free space).
-    """
-
-    def __init__(self, root, split='train', transform=None, cache_dir=None):
-        self.layout = Layout(root)
-        self.classes, self.palette = self.layout.classes, self.layout.palette
-        self.samples, self.names, problems = self.layout.find(split)
-        if problems:
-            raise DatasetError(problems[0] + more(problems, root))
-        self.split, self.transform = split, transform
-        self.cache, self.cache_note = None, None
-        if cache_dir is not None:
-            self.cache = DecodedCache(make_dir(Path(cache_dir) / split, '--cache-dir'))
-            self.cache_note = self.size_cache()
-
-    def __len__(self):
-        return len(self.samples)
-
-    def sources(self, index):
-        """The files sample `index` is decoded from; classes.txt too, since it gives colours
-        their train ids."""
-        image_path, label_path, _ = self.samples[index]
-        classes_file = self.layout.classes_file
-        return (image_path, label_path) + ((classes_file,) if classes_file else ())
-
-    def size_cache(self):
-        """Check that the cache fits on its disk (if not, go without it) and say how large."""
-        total = missing = 0
-        for index, (image_path, _, _) in enumerate(self.samples):
-            entry = self.cache.read(self.name(index), *self.sources(index))
-            if entry is None:
-                try:
-                    width, height = Image.open(image_path).size      # reads the header only
-                except IMAGE_ERRORS as e:
-                    raise DatasetError(f'cannot read {image_path}: {e}') from None
-                size = DecodedCache.HEADER + height * width * 4
-                missing += size
-            else:
-                size = DecodedCache.HEADER + entry[1].size * 4
-            total += size
-        folder, free = self.cache.folder, shutil.disk_usage(self.cache.folder).free
-        if missing > free - 2 ** 30:                      # leave the disk a GiB of room
-            self.cache = None
-            return (f'decoded-data cache {folder}: {size_text(missing)} more are needed but '
-                    f'{size_text(free)} are free: going without the cache')
-        return (f'decoded-data cache {folder}: {len(self.samples)} images, {size_text(total)} '
-                f'({size_text(missing)} still to write, as each image is first used)')
-
-    def load(self, index):
-        """The RGB image and train-id label of sample `index`: views of its memory-mapped cache
-        entry (H, W, 3) and (H, W), which the transforms read region by region; without a cache,
-        PIL images (RGB; L or P) as decoded."""
-        if self.cache is None:
-            return self.decode(index)
-        name, sources = self.name(index), self.sources(index)
-        entry = self.cache.read(name, *sources)
-        if entry is None:
-            entry = self.cache.write(name, *self.decode(index), *sources)
-        return entry
-
-    def decode(self, index):
-        """The PIL image (RGB) and label (train ids) of sample `index`, from its files."""
-        image_path, label_path, id_table = self.samples[index]
-        try:
-            image, stored_size = open_image(image_path)
-        except IMAGE_ERRORS as e:
-            raise DatasetError(f'cannot read {image_path}: {e}') from None
-        label, _ = self.layout.read_label(label_path, id_table)
-        problem = size_problem(image_path, image.size, stored_size, label_path, label.size)
-        if problem:
-            raise DatasetError(problem)
-        return image, label
-
-    def __getitem__(self, key):
-        index, rng_key = key if isinstance(key, tuple) else (key, None)
-        image, label = self.load(index)
-        if self.transform is None:
-            return np.array(image), np.array(label)
-        return self.transform(image, label, np.random.default_rng(rng_key))
-
-    def name(self, index):
-        """The image's path relative to its split folder, without its suffix (Cityscapes:
-        without '_leftImg8bit.png')."""
-        return self.names[index]
-
-
-Cityscapes = SegmentationDataset     # the name scripts know; Cityscapes is one of its layouts
-
-
-def size_text(size):
-    """A size in bytes for people: GB from a gigabyte on, MB with two decimals below."""
-    return f'{size / 1e9:.1f} GB' if size >= 1e9 else f'{size / 1e6:.2f} MB'
-
-
-def more(problems, root):
-    """What follows the first of several problems in a one-line error."""
-    if len(problems) == 1:
-        return ''
-    return (f' (and {len(problems) - 1} more problems: python bisenet.py --check-data {root} '
-            f'lists them all)')
+# ----------------------------------------------------------------------------------------------
+# Data, 4: the data set, its decoded cache, the sample stream
+# ----------------------------------------------------------------------------------------------
 
 
 class DecodedCache:
@@ -1119,6 +1120,94 @@ class DecodedCache:
         return image, label
 
 
+class SegmentationDataset(torch.utils.data.Dataset):
+    """One split of a data set folder in either Layout: images with their labels as train ids
+    (0 to C-1, 255 = ignore), C = len(classes); `classes` and `palette` name and colour them.
+
+    Without a transform an item is (RGB uint8 array (H, W, 3), train-id uint8 array (H, W)).
+    With one it is transform(image, label, rng); the key may be an int, or (index, rng_key) from
+    InfiniteSampler so that the sample's randomness is fixed by its place in the stream.
+    A label value that is not a class, an unlisted colour or a size mismatch raises
+    DatasetError naming the file when the sample is read (survey() finds them up front).
+    With cache_dir, each sample is decoded once into a DecodedCache there (CACHE_DIR/SPLIT) and
+    memory-mapped after; the transforms give the same samples either way. `cache_note` says
+    where the cache is and how large, or why it is not used (too little free space).
+    """
+
+    def __init__(self, root, split='train', transform=None, cache_dir=None):
+        self.layout = Layout(root)
+        self.classes, self.palette = self.layout.classes, self.layout.palette
+        self.samples, self.names, problems = self.layout.find(split)
+        if problems:
+            raise DatasetError(problems[0] + more(problems, root))
+        self.split, self.transform = split, transform
+        self.cache, self.cache_note = None, None
+        if cache_dir is not None:
+            self.cache = DecodedCache(make_dir(Path(cache_dir) / split, '--cache-dir'))
+            self.cache_note = self.size_cache()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def sources(self, index):
+        """The files sample `index` is decoded from; classes.txt too, since it gives colours
+        their train ids."""
+        sample, classes_file = self.samples[index], self.layout.classes_file
+        return (sample.image, sample.label) + ((classes_file,) if classes_file else ())
+
+    def size_cache(self):
+        """Check that the cache fits on its disk (if not, go without it) and say how large."""
+        total = missing = 0
+        for index, sample in enumerate(self.samples):
+            entry = self.cache.read(self.name(index), *self.sources(index))
+            if entry is None:
+                width, height = image_header(sample.image)[1]
+                size = DecodedCache.HEADER + height * width * 4
+                missing += size
+            else:
+                size = DecodedCache.HEADER + entry[1].size * 4
+            total += size
+        folder, free = self.cache.folder, shutil.disk_usage(self.cache.folder).free
+        if missing > free - 2 ** 30:                      # leave the disk a GiB of room
+            self.cache = None
+            return (f'decoded-data cache {folder}: {size_text(missing)} more are needed but '
+                    f'{size_text(free)} are free: going without the cache')
+        return (f'decoded-data cache {folder}: {len(self.samples)} images, {size_text(total)} '
+                f'({size_text(missing)} still to write, as each image is first used)')
+
+    def load(self, index):
+        """The RGB image and train-id label of sample `index`: views of its memory-mapped cache
+        entry (H, W, 3) and (H, W), which the transforms read region by region; without a cache,
+        PIL images (RGB; L or P) as decoded."""
+        if self.cache is None:
+            return self.decode(index)
+        name, sources = self.name(index), self.sources(index)
+        entry = self.cache.read(name, *sources)
+        if entry is None:
+            entry = self.cache.write(name, *self.decode(index), *sources)
+        return entry
+
+    def decode(self, index):
+        """The PIL image (RGB) and label (train ids) of sample `index`, from its files."""
+        image, label, _ = read_sample(self.layout, self.samples[index])
+        return image, label
+
+    def __getitem__(self, key):
+        index, rng_key = key if isinstance(key, tuple) else (key, None)
+        image, label = self.load(index)
+        if self.transform is None:
+            return np.array(image), np.array(label)
+        return self.transform(image, label, np.random.default_rng(rng_key))
+
+    def name(self, index):
+        """The image's path relative to its split folder, without its suffix (Cityscapes:
+        without '_leftImg8bit.png')."""
+        return self.names[index]
+
+
+Cityscapes = SegmentationDataset     # the name scripts know; Cityscapes is one of its layouts
+
+
 class InfiniteSampler(torch.utils.data.Sampler):
     """The endless, reproducible stream of training samples of one rank.
 
@@ -1141,6 +1230,11 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
             yield int(order[position % self.size]), (self.seed, position)
             step += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, 5: augmentation, the reference's pipeline
+# ----------------------------------------------------------------------------------------------
 
 
 def parse_crop_size(values):
@@ -1439,36 +1533,6 @@ def make_synthetic_cityscapes(root, num_train=48, num_val=8, size=(256, 128), se
 # ----------------------------------------------------------------------------------------------
 
 
-class SetupError(RuntimeError):
-    """A device, precision or launch setting that cannot work on this machine."""
-
-
-def one_line(error):
-    """The message of an error as one line, without its type's name: the message's first
-    line, or for an error re-raised from a DataLoader worker, whose message carries the
-    worker's traceback, the last: the original error's."""
-    text = str(error).strip()
-    if not text:
-        return type(error).__name__
-    lines = text.splitlines()
-    line = lines[-1] if 'Traceback (most recent call last)' in text else lines[0]
-    name = type(error).__name__
-    for prefix in (f'{__name__}.{name}: ', f'{name}: '):
-        line = line[len(prefix):] if line.startswith(prefix) else line
-    return line
-
-
-def make_dir(path, flag):
-    """Create the output folder `path` (given by `flag`) up front: a path that cannot be a
-    folder fails in one line before any work, not at the end of it."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SetupError(f'{flag} {path}: cannot create this folder ({e.strerror}); '
-                         f'give a writable folder') from None
-    return Path(path)
-
-
 def cpu_has_bf16():
     """Whether oneDNN runs bfloat16 on this CPU (AVX512-BF16, AMX, Arm BF16; also AVX-512
     cores, which convert)."""
@@ -1716,8 +1780,13 @@ class Runtime:
 
 
 # ----------------------------------------------------------------------------------------------
-# Self-check and data benchmark
+# Self-check, data check and benchmarks
 # ----------------------------------------------------------------------------------------------
+
+
+def all_cores():
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
 def time_alternately(runs, rounds, synchronize=None):
@@ -1735,6 +1804,12 @@ def time_alternately(runs, rounds, synchronize=None):
                 synchronize()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def decode_label_file(sample):
+    """A bare decode of a sample's label file: what benchmark_data compares the check with."""
+    with Image.open(sample[1]) as label:
+        label.load()
 
 
 def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_dir=None):
@@ -1778,17 +1853,6 @@ def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_
     bare, check = (min(times[name][1:]) / len(samples) for name in times)
     print(f'label check of --check-data on {processes} processes: {check * 1e3:.2f} ms per file '
           f'against {bare * 1e3:.2f} ms for a bare decode of the label ({check / bare:.2f} x)')
-
-
-def all_cores():
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-
-
-def decode_label_file(sample):
-    """A bare decode of a sample's label file: what benchmark_data compares the check with."""
-    with Image.open(sample[1]) as label:
-        label.load()
 
 
 def check_data(root, splits=('train', 'val'), processes=None):

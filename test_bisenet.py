@@ -737,7 +737,7 @@ def test_the_other_label_messages_and_label_formats(tmp_path):
     assert 'rgb.png is a JPEG file' in problem and 'save labels as PNG' in problem
     (root / 'labels' / 'train' / 'rgb.png').unlink()
     [problem] = problems_of(root)
-    assert problem.startswith('image without a label:') and 'labels/train/rgb.png' in problem
+    assert problem.startswith('label missing for') and 'labels/train/rgb.png' in problem
     (root / 'images' / 'train' / 'rgb.png').unlink()
     # 1 bit: 0/1 are the ids; 16 bits: values up to 255, and above is named
     bits = np.zeros((30, 40), bool)
