@@ -134,6 +134,47 @@ def size_text(size):
 
 
 # ----------------------------------------------------------------------------------------------
+# Classes: the names and colours of what the model predicts
+# ----------------------------------------------------------------------------------------------
+
+CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light',
+           'traffic sign', 'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck',
+           'bus', 'train', 'motorcycle', 'bicycle')
+PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+           (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+           (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+           (0, 80, 100), (0, 0, 230), (119, 11, 32))
+
+
+def default_palette(count, taken=()):
+    """`count` fixed, distinct colours for classes that classes.txt gives none: PASCAL VOC's
+    colour map (the index's bits spread over R, G and B), skipping black (ignored pixels in
+    pictures) and the colours in `taken`."""
+    colours, index = [], 1
+    while len(colours) < count:
+        rgb, bits = [0, 0, 0], index
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= (bits >> channel & 1) << shift
+            bits >>= 3
+        if tuple(rgb) not in taken:
+            colours.append(tuple(rgb))
+        index += 1
+    return tuple(colours)
+
+
+def class_meta(num_classes, classes=None, palette=None):
+    """(names, colours) of `num_classes` classes: those given (a data set's, a checkpoint's)
+    where they fit, else Cityscapes' for 19 classes, else '0', '1', ... in default colours."""
+    if classes is None or len(classes) != num_classes:
+        classes = CLASSES if num_classes == len(CLASSES) else [str(i) for i in range(num_classes)]
+    classes = tuple(str(name) for name in classes)
+    if palette is None or len(palette) != num_classes:
+        palette = PALETTE if classes == CLASSES else default_palette(num_classes)
+    return classes, tuple(tuple(int(v) for v in colour) for colour in palette)
+
+
+# ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
 
@@ -401,13 +442,6 @@ def fold_batchnorm(model):
 # ----------------------------------------------------------------------------------------------
 
 
-def read_state_dict(path, trust_pickle=False):
-    """The model weights of a checkpoint file: ours ({'model': ...}), mmsegmentation's
-    ({'state_dict': ...}), or a bare state dict. Loads with weights_only=True unless the user
-    trusts the file's source (trust_pickle), since unpickling can run arbitrary code."""
-    return state_dict_of(load_file(path, trust_pickle), path)
-
-
 def state_dict_of(ckpt, path):
     """The model weights of a loaded checkpoint (read_state_dict)."""
     if isinstance(ckpt, dict):
@@ -439,6 +473,13 @@ def load_file(path, trust_pickle=False):
         else:
             reason = one_line(e)[:200]
         raise CheckpointError(f'cannot read checkpoint {path}: {reason}') from None
+
+
+def read_state_dict(path, trust_pickle=False):
+    """The model weights of a checkpoint file: ours ({'model': ...}), mmsegmentation's
+    ({'state_dict': ...}), or a bare state dict. Loads with weights_only=True unless the user
+    trusts the file's source (trust_pickle), since unpickling can run arbitrary code."""
+    return state_dict_of(load_file(path, trust_pickle), path)
 
 
 def classes_of(ckpt):
@@ -545,19 +586,14 @@ def load_imagenet_backbone(model, path):
 # ----------------------------------------------------------------------------------------------
 
 
-CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light',
-           'traffic sign', 'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck',
-           'bus', 'train', 'motorcycle', 'bicycle')
-PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-           (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-           (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-           (0, 80, 100), (0, 0, 230), (119, 11, 32))
 LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 IGNORE_INDEX = 255
 MEAN = (123.675, 116.28, 103.53)   # ImageNet RGB statistics, as the reference normalises
 STD = (58.395, 57.12, 57.375)
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 EXIF_ORIENTATION = 0x0112
+# What Pillow raises for a file it cannot read: damaged, not an image, or a decompression bomb.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def train_id_table():
@@ -584,34 +620,6 @@ def cityscapes_label_ids(classes):
     """Cityscapes' raw label id of each train id, for a model of Cityscapes' classes: what its
     evaluation scripts and benchmark server read in a label map; None for any other classes."""
     return LABEL_IDS if tuple(classes) == CLASSES else None
-
-
-def default_palette(count, taken=()):
-    """`count` fixed, distinct colours for classes that classes.txt gives none: PASCAL VOC's
-    colour map (the index's bits spread over R, G and B), skipping black (ignored pixels in
-    pictures) and the colours in `taken`."""
-    colours, index = [], 1
-    while len(colours) < count:
-        rgb, bits = [0, 0, 0], index
-        for shift in range(7, -1, -1):
-            for channel in range(3):
-                rgb[channel] |= (bits >> channel & 1) << shift
-            bits >>= 3
-        if tuple(rgb) not in taken:
-            colours.append(tuple(rgb))
-        index += 1
-    return tuple(colours)
-
-
-def class_meta(num_classes, classes=None, palette=None):
-    """(names, colours) of `num_classes` classes: those given (a data set's, a checkpoint's)
-    where they fit, else Cityscapes' for 19 classes, else '0', '1', ... in default colours."""
-    if classes is None or len(classes) != num_classes:
-        classes = CLASSES if num_classes == len(CLASSES) else [str(i) for i in range(num_classes)]
-    classes = tuple(str(name) for name in classes)
-    if palette is None or len(palette) != num_classes:
-        palette = PALETTE if classes == CLASSES else default_palette(num_classes)
-    return classes, tuple(tuple(int(v) for v in colour) for colour in palette)
 
 
 ClassList = collections.namedtuple('ClassList', 'names palette ignore_colours all_coloured id_table')
@@ -908,10 +916,6 @@ class Layout:
 # ----------------------------------------------------------------------------------------------
 # Data, 3: reading a sample, and checking a split
 # ----------------------------------------------------------------------------------------------
-
-
-# What Pillow raises for a file it cannot read: damaged, not an image, or a decompression bomb.
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def exif_orientation(image):
@@ -1256,58 +1260,18 @@ def accept_crop(label, cat_max_ratio=0.75):
     return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
-class TrainTransform:
-    """The reference's training augmentation, step for step.
+def image_size(image):
+    """(width, height) of a PIL image or of an (H, W[, C]) array, as PIL's .size gives it."""
+    return image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
 
-    1. rescale by a ratio drawn in `ratio_range` of the image's own size (image bilinear, label
-       nearest); 2. a random `crop_size` (h, w) crop, re-drawn up to 10 times until accept_crop;
-    3. horizontal flip with p 0.5; 4. photometric distortion; 5. normalisation; 6. padding to the
-    crop size (image 0, label 255). Only the crop region is ever resized: that is what makes this
-    cheaper than the reference, which rescales the whole image.
 
-    Returns (image float32 (3, h, w) normalised, label int64 (h, w)); with on_device=True steps
-    4-6 are left to distort_and_normalize() on the accelerator, batched, and it returns
-    (image uint8 (3, h, w), label uint8 (h, w), params): the sample's distortion parameters,
-    drawn here. uint8 labels are an eighth of the bytes to pin and copy; .long() on the device.
-    """
-
-    def __init__(self, crop_size=(1024, 1024), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
-                 on_device=False):
-        self.crop_size, self.ratio_range = tuple(crop_size), ratio_range
-        self.cat_max_ratio, self.on_device = cat_max_ratio, on_device
-
-    def __call__(self, image, label, rng):
-        w, h = image_size(image)
-        ratio = rng.uniform(*self.ratio_range)
-        scaled_w, scaled_h = int(w * ratio + 0.5), int(h * ratio + 0.5)
-        crop_h, crop_w = self.crop_size
-
-        def random_box():      # (x1, y1, x2, y2) in the rescaled image
-            y = rng.integers(0, max(scaled_h - crop_h, 0) + 1)
-            x = rng.integers(0, max(scaled_w - crop_w, 0) + 1)
-            return x, y, min(x + crop_w, scaled_w), min(y + crop_h, scaled_h)
-
-        def resize_crop(img, box, resample):
-            return rescale_crop(img, (w, h), (scaled_w, scaled_h), box, resample)
-
-        box = random_box()
-        label_crop = resize_crop(label, box, Image.NEAREST)
-        if self.cat_max_ratio < 1:
-            for _ in range(10):        # as the reference: the 11th draw is kept unchecked
-                if accept_crop(label_crop, self.cat_max_ratio):
-                    break
-                box = random_box()
-                label_crop = resize_crop(label, box, Image.NEAREST)
-        image_crop = resize_crop(image, box, Image.BILINEAR)
-        if rng.random() < 0.5:
-            image_crop = image_crop.transpose(Image.FLIP_LEFT_RIGHT)
-            label_crop = label_crop.transpose(Image.FLIP_LEFT_RIGHT)
-        params = photometric_params(rng, valid_size=(label_crop.height, label_crop.width))
-        image, label = pad_to(image_crop, label_crop, self.crop_size)
-        if self.on_device:
-            return image, label, params
-        params = {k: torch.as_tensor(v)[None] for k, v in params.items()}
-        return distort_and_normalize(image[None], params)[0], label.long()
+def region(image, box):
+    """The pixels (x1, y1, x2, y2) of a PIL image or of a (memory-mapped) array, as a PIL
+    image; from an array only those rows and columns are read."""
+    if isinstance(image, Image.Image):
+        return image.crop(box)
+    x1, y1, x2, y2 = box
+    return Image.fromarray(np.ascontiguousarray(image[y1:y2, x1:x2]))
 
 
 def rescale_crop(image, size, scaled_size, box, resample):
@@ -1331,33 +1295,13 @@ def rescale_crop(image, size, scaled_size, box, resample):
                         box=(x1 * sx - left, y1 * sy - top, x2 * sx - left, y2 * sy - top))
 
 
-class EvalTransform:
-    """The whole image, normalised (float32 (3, H, W)), and its label (int64 (H, W)); with
-    on_device=True both stay uint8 for normalize() and .long() on the accelerator."""
-
-    def __init__(self, on_device=False):
-        self.on_device = on_device
-
-    def __call__(self, image, label, rng=None):
-        width, height = image_size(image)
-        image, label = pad_to(image, label, (height, width))
-        if self.on_device:
-            return image, label
-        return normalize(image[None])[0], label.long()
-
-
-def image_size(image):
-    """(width, height) of a PIL image or of an (H, W[, C]) array, as PIL's .size gives it."""
-    return image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
-
-
-def region(image, box):
-    """The pixels (x1, y1, x2, y2) of a PIL image or of a (memory-mapped) array, as a PIL
-    image; from an array only those rows and columns are read."""
-    if isinstance(image, Image.Image):
-        return image.crop(box)
-    x1, y1, x2, y2 = box
-    return Image.fromarray(np.ascontiguousarray(image[y1:y2, x1:x2]))
+def pixels(image):
+    """The pixels of a PIL image or an array as a uint8 tensor, with one copy (np.asarray's
+    is read-only, and a memory map's belongs to the file)."""
+    if not isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(image))
+    array = np.frombuffer(bytearray(image.tobytes()), np.uint8)
+    return torch.from_numpy(array).view(image.height, image.width, -1).squeeze(2)
 
 
 def pad_to(image, label, size):
@@ -1372,15 +1316,6 @@ def pad_to(image, label, size):
     image_out[:, :image.shape[1], :image.shape[2]] = image
     label_out[:label.shape[0], :label.shape[1]] = label
     return image_out, label_out
-
-
-def pixels(image):
-    """The pixels of a PIL image or an array as a uint8 tensor, with one copy (np.asarray's
-    is read-only, and a memory map's belongs to the file)."""
-    if not isinstance(image, Image.Image):
-        return torch.from_numpy(np.array(image))
-    array = np.frombuffer(bytearray(image.tobytes()), np.uint8)
-    return torch.from_numpy(array).view(image.height, image.width, -1).squeeze(2)
 
 
 def photometric_params(rng, valid_size):
@@ -1403,6 +1338,25 @@ def photometric_params(rng, valid_size):
 def to_uint8(x):
     """numpy's float32 -> uint8 cast after clipping, as the reference does after each step."""
     return x.clamp(0, 255).floor()
+
+
+@functools.lru_cache(maxsize=None)
+def device_constants(device):
+    """The data pipeline's constants on `device`, made once per device: a tensor built from
+    Python numbers is a blocking host-to-device copy, which every iteration would pay."""
+    return {
+        'mean': torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
+        'std': torch.tensor(STD, device=device).view(1, 3, 1, 1),
+        # (r, g, b) per HSV sector as indices into (v, p, q, t): the standard HSV table
+        'hsv_table': torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0],
+                                   [0, 1, 2]], device=device),
+    }
+
+
+def normalize(images):
+    """(x - MEAN) / STD for an RGB batch (N, 3, H, W), uint8 or float, as float32."""
+    constants = device_constants(images.device)
+    return (images.float() - constants['mean']) / constants['std']
 
 
 def rgb_to_hsv(rgb):
@@ -1460,23 +1414,73 @@ def distort_and_normalize(images, params):
     return x * (rows & cols)[:, None].to(x.dtype)
 
 
-def normalize(images):
-    """(x - MEAN) / STD for an RGB batch (N, 3, H, W), uint8 or float, as float32."""
-    constants = device_constants(images.device)
-    return (images.float() - constants['mean']) / constants['std']
+class TrainTransform:
+    """The reference's training augmentation, step for step.
+
+    1. rescale by a ratio drawn in `ratio_range` of the image's own size (image bilinear, label
+       nearest); 2. a random `crop_size` (h, w) crop, re-drawn up to 10 times until accept_crop;
+    3. horizontal flip with p 0.5; 4. photometric distortion; 5. normalisation; 6. padding to the
+    crop size (image 0, label 255). Only the crop region is ever resized: that is what makes this
+    cheaper than the reference, which rescales the whole image.
+
+    Returns (image float32 (3, h, w) normalised, label int64 (h, w)); with on_device=True steps
+    4-6 are left to distort_and_normalize() on the accelerator, batched, and it returns
+    (image uint8 (3, h, w), label uint8 (h, w), params): the sample's distortion parameters,
+    drawn here. uint8 labels are an eighth of the bytes to pin and copy; .long() on the device.
+    """
+
+    def __init__(self, crop_size=(1024, 1024), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
+                 on_device=False):
+        self.crop_size, self.ratio_range = tuple(crop_size), ratio_range
+        self.cat_max_ratio, self.on_device = cat_max_ratio, on_device
+
+    def __call__(self, image, label, rng):
+        w, h = image_size(image)
+        ratio = rng.uniform(*self.ratio_range)
+        scaled_w, scaled_h = int(w * ratio + 0.5), int(h * ratio + 0.5)
+        crop_h, crop_w = self.crop_size
+
+        def random_box():      # (x1, y1, x2, y2) in the rescaled image
+            y = rng.integers(0, max(scaled_h - crop_h, 0) + 1)
+            x = rng.integers(0, max(scaled_w - crop_w, 0) + 1)
+            return x, y, min(x + crop_w, scaled_w), min(y + crop_h, scaled_h)
+
+        def resize_crop(img, box, resample):
+            return rescale_crop(img, (w, h), (scaled_w, scaled_h), box, resample)
+
+        box = random_box()
+        label_crop = resize_crop(label, box, Image.NEAREST)
+        if self.cat_max_ratio < 1:
+            for _ in range(10):        # as the reference: the 11th draw is kept unchecked
+                if accept_crop(label_crop, self.cat_max_ratio):
+                    break
+                box = random_box()
+                label_crop = resize_crop(label, box, Image.NEAREST)
+        image_crop = resize_crop(image, box, Image.BILINEAR)
+        if rng.random() < 0.5:
+            image_crop = image_crop.transpose(Image.FLIP_LEFT_RIGHT)
+            label_crop = label_crop.transpose(Image.FLIP_LEFT_RIGHT)
+        params = photometric_params(rng, valid_size=(label_crop.height, label_crop.width))
+        image, label = pad_to(image_crop, label_crop, self.crop_size)
+        if self.on_device:
+            return image, label, params
+        params = {k: torch.as_tensor(v)[None] for k, v in params.items()}
+        return distort_and_normalize(image[None], params)[0], label.long()
 
 
-@functools.lru_cache(maxsize=None)
-def device_constants(device):
-    """The data pipeline's constants on `device`, made once per device: a tensor built from
-    Python numbers is a blocking host-to-device copy, which every iteration would pay."""
-    return {
-        'mean': torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
-        'std': torch.tensor(STD, device=device).view(1, 3, 1, 1),
-        # (r, g, b) per HSV sector as indices into (v, p, q, t): the standard HSV table
-        'hsv_table': torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0],
-                                   [0, 1, 2]], device=device),
-    }
+class EvalTransform:
+    """The whole image, normalised (float32 (3, H, W)), and its label (int64 (H, W)); with
+    on_device=True both stay uint8 for normalize() and .long() on the accelerator."""
+
+    def __init__(self, on_device=False):
+        self.on_device = on_device
+
+    def __call__(self, image, label, rng=None):
+        width, height = image_size(image)
+        image, label = pad_to(image, label, (height, width))
+        if self.on_device:
+            return image, label
+        return normalize(image[None])[0], label.long()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -197,49 +197,9 @@ def prepare_for_inference(model, runtime, compile_model=False):
     return model
 
 
-@torch.no_grad()
-def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None,
-             show_dir=None, workers=4, log=print, profiler=None, limit=None, keep_pictures=()):
-    """Run `model` over `dataset` (a SegmentationDataset of EvalTransform(on_device=True)
-    items; its first `limit` images, if given) in this process's shard and return the metrics
-    of the counts summed over all processes. Outputs are named and coloured by the dataset.
-    metrics['pictures'] holds the prediction_picture of each image of `keep_pictures` (dataset
-    indices) in this process's shard, by name."""
-    was_training = model.training
-    model.eval()
-    num_classes = model.num_classes
-    size = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=1, sampler=runtime.shard(size), num_workers=workers,
-        **runtime.loader_options())
-    label_ids = bisenet.cityscapes_label_ids(dataset.classes)
-    total = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
-    progress, pictures = Progress('[eval]', size, runtime, log), {}
-    for step, (index, (image, label)) in enumerate(zip(loader.sampler, loader)):
-        image = image.to(runtime.device, non_blocking=True)
-        label = label.to(runtime.device, non_blocking=True).long()
-        x = bisenet.normalize(image).contiguous(memory_format=runtime.inference_format)
-        with runtime.autocast():
-            scores = predict(model, x, num_classes, mode, aug_test)
-        pred = scores.argmax(1)
-        total += confusion(pred, label, num_classes)
-        keep = index in keep_pictures
-        if out_dir or show_dir or keep:
-            name = dataset.name(index)
-            pred_ids, truth = pred[0].cpu().numpy(), label[0].cpu().numpy()
-            save_prediction(pred_ids, image[0],
-                            f'{name}_leftImg8bit.png' if label_ids else f'{name}.png',
-                            f'{name}.png', out_dir, show_dir, dataset.classes, dataset.palette,
-                            truth, label_ids)
-            if keep:
-                pictures[name] = prediction_picture(pred_ids, image[0], dataset.classes,
-                                                    dataset.palette, truth)
-        if profiler is not None:
-            profiler.step()
-        progress.step(step, len(loader))
-    runtime.all_reduce(total)
-    model.train(was_training)
-    return dict(summarize(total.cpu()), pictures=pictures)
+# ----------------------------------------------------------------------------------------------
+# Outputs: progress, label maps and pictures
+# ----------------------------------------------------------------------------------------------
 
 
 class Progress:
@@ -262,44 +222,6 @@ class Progress:
 def colourize(train_ids, palette):
     """Train ids (H, W) in the classes' colours; ignored and unknown ids black."""
     return bisenet.lookup_table(palette)[train_ids]
-
-
-def save_prediction(pred, image, out_name, show_name, out_dir, show_dir, classes, palette,
-                    label=None, label_ids=None):
-    """The label map OUT_DIR/out_name, and/or a picture SHOW_DIR/show_name: the image, the
-    prediction and the ground truth side by side when a label is given, else the prediction
-    over the image; captioned, with a legend of the classes present. The label map is a
-    palette PNG of train ids in the classes' colours, or with label_ids (Cityscapes' labelIds,
-    what its evaluation scripts read) those ids. pred, label: (H, W) train ids; image uint8
-    (3, H, W)."""
-    if out_dir:
-        path = Path(out_dir) / out_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if label_ids is not None:
-            Image.fromarray(bisenet.lookup_table(label_ids)[pred]).save(path)
-        else:
-            label_map = Image.fromarray(pred.astype(np.uint8))
-            label_map.putpalette([v for colour in palette for v in colour])
-            label_map.save(path)
-    if show_dir:
-        path = Path(show_dir) / show_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        prediction_picture(pred, image, classes, palette, label).save(path)
-
-
-def prediction_picture(pred, image, classes, palette, label=None):
-    """What --show-dir writes (and train.py --tensorboard shows): image | prediction | ground
-    truth, or without a label the prediction over the image; captioned, with a legend."""
-    rgb = image.permute(1, 2, 0).cpu().numpy()
-    present = np.bincount(pred.ravel(), minlength=256)
-    if label is None:
-        panels = [(0.5 * rgb + 0.5 * colourize(pred, palette)).astype(np.uint8)]
-        captions = ['prediction']
-    else:
-        panels = [rgb, colourize(pred, palette), colourize(label, palette)]
-        captions = ['image', 'prediction', 'ground truth']
-        present = present + np.bincount(label.ravel(), minlength=256)
-    return picture(panels, captions, np.flatnonzero(present[:256]), classes, palette)
 
 
 def picture(panels, captions, train_ids, classes, palette):
@@ -343,6 +265,94 @@ def picture(panels, captions, train_ids, classes, palette):
         draw.text((x + size + pad, y), name, fill='black', font=font)
         x += w
     return canvas
+
+
+def prediction_picture(pred, image, classes, palette, label=None):
+    """What --show-dir writes (and train.py --tensorboard shows): image | prediction | ground
+    truth, or without a label the prediction over the image; captioned, with a legend."""
+    rgb = image.permute(1, 2, 0).cpu().numpy()
+    present = np.bincount(pred.ravel(), minlength=256)
+    if label is None:
+        panels = [(0.5 * rgb + 0.5 * colourize(pred, palette)).astype(np.uint8)]
+        captions = ['prediction']
+    else:
+        panels = [rgb, colourize(pred, palette), colourize(label, palette)]
+        captions = ['image', 'prediction', 'ground truth']
+        present = present + np.bincount(label.ravel(), minlength=256)
+    return picture(panels, captions, np.flatnonzero(present[:256]), classes, palette)
+
+
+def save_prediction(pred, image, out_name, show_name, out_dir, show_dir, classes, palette,
+                    label=None, label_ids=None):
+    """The label map OUT_DIR/out_name, and/or a picture SHOW_DIR/show_name: the image, the
+    prediction and the ground truth side by side when a label is given, else the prediction
+    over the image; captioned, with a legend of the classes present. The label map is a
+    palette PNG of train ids in the classes' colours, or with label_ids (Cityscapes' labelIds,
+    what its evaluation scripts read) those ids. pred, label: (H, W) train ids; image uint8
+    (3, H, W)."""
+    if out_dir:
+        path = Path(out_dir) / out_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if label_ids is not None:
+            Image.fromarray(bisenet.lookup_table(label_ids)[pred]).save(path)
+        else:
+            label_map = Image.fromarray(pred.astype(np.uint8))
+            label_map.putpalette([v for colour in palette for v in colour])
+            label_map.save(path)
+    if show_dir:
+        path = Path(show_dir) / show_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prediction_picture(pred, image, classes, palette, label).save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation on a data set
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None,
+             show_dir=None, workers=4, log=print, profiler=None, limit=None, keep_pictures=()):
+    """Run `model` over `dataset` (a SegmentationDataset of EvalTransform(on_device=True)
+    items; its first `limit` images, if given) in this process's shard and return the metrics
+    of the counts summed over all processes. Outputs are named and coloured by the dataset.
+    metrics['pictures'] holds the prediction_picture of each image of `keep_pictures` (dataset
+    indices) in this process's shard, by name."""
+    was_training = model.training
+    model.eval()
+    num_classes = model.num_classes
+    size = len(dataset) if limit is None else min(limit, len(dataset))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=1, sampler=runtime.shard(size), num_workers=workers,
+        **runtime.loader_options())
+    label_ids = bisenet.cityscapes_label_ids(dataset.classes)
+    total = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
+    progress, pictures = Progress('[eval]', size, runtime, log), {}
+    for step, (index, (image, label)) in enumerate(zip(loader.sampler, loader)):
+        image = image.to(runtime.device, non_blocking=True)
+        label = label.to(runtime.device, non_blocking=True).long()
+        x = bisenet.normalize(image).contiguous(memory_format=runtime.inference_format)
+        with runtime.autocast():
+            scores = predict(model, x, num_classes, mode, aug_test)
+        pred = scores.argmax(1)
+        total += confusion(pred, label, num_classes)
+        keep = index in keep_pictures
+        if out_dir or show_dir or keep:
+            name = dataset.name(index)
+            pred_ids, truth = pred[0].cpu().numpy(), label[0].cpu().numpy()
+            save_prediction(pred_ids, image[0],
+                            f'{name}_leftImg8bit.png' if label_ids else f'{name}.png',
+                            f'{name}.png', out_dir, show_dir, dataset.classes, dataset.palette,
+                            truth, label_ids)
+            if keep:
+                pictures[name] = prediction_picture(pred_ids, image[0], dataset.classes,
+                                                    dataset.palette, truth)
+        if profiler is not None:
+            profiler.step()
+        progress.step(step, len(loader))
+    runtime.all_reduce(total)
+    model.train(was_training)
+    return dict(summarize(total.cpu()), pictures=pictures)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,7 +538,7 @@ def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmark and profiling
+# Benchmark: the plain model against the fast path
 # ----------------------------------------------------------------------------------------------
 
 
@@ -563,6 +573,11 @@ def benchmark(model, runtime, compile_model=False, size=(1024, 2048), warmup=2, 
     log(f'fast path ({what}) / plain model: {median["fast path"] / median["plain model"]:.2f} x '
         f'the time ({size[0]} x {size[1]}, batch 1, {runtime.type}, {runtime.precision})')
     log(f'FPS: {1 / median["fast path"]:.2f}')
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: one function per mode
+# ----------------------------------------------------------------------------------------------
 
 
 def run_export(args):

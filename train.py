@@ -154,7 +154,7 @@ def check_args(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# The maths: learning rate and loss
+# The maths: learning rate, loss, and the schedule of sync points
 # ----------------------------------------------------------------------------------------------
 
 
@@ -278,6 +278,17 @@ def tag_name(name):
     return re.sub(r'[^\w./-]', '_', name)
 
 
+def tensor_bytes(state):
+    """The bytes of the tensors in a checkpoint's nested dicts and lists."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
+
+
 def save_checkpoint(state, path):
     """Write atomically: a kill during the save leaves the previous file intact. A checkpoint
     that cannot be written (a full disk, a quota, no permission) raises CheckpointError naming
@@ -306,17 +317,6 @@ def save_checkpoint(state, path):
         f'cannot write the checkpoint {path} ({reason}): it needs {needed / 1e6:.1f} MB and '
         f'{free / 1e6:.1f} MB are free there; the checkpoints written before are intact: free '
         f'some space (or give another --work-dir) and continue with --resume-from auto')
-
-
-def tensor_bytes(state):
-    """The bytes of the tensors in a checkpoint's nested dicts and lists."""
-    if torch.is_tensor(state):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(tensor_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(tensor_bytes(v) for v in state)
-    return 0
 
 
 def read_resumable(path):
@@ -353,6 +353,11 @@ def newest_resumable(work_dir, log):
                                       f'resume from a copy, or start afresh in another --work-dir')
     log(f'--resume-from auto: no checkpoint in {work_dir}, starting fresh')
     return None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults: a second run, a stop signal, a dead worker or peer
+# ----------------------------------------------------------------------------------------------
 
 
 def hold_work_dir(work_dir, runtime):
@@ -414,6 +419,13 @@ def fault_line(error, args):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def interrupted(args):
+    """The line of a run that Ctrl-C ended at once."""
+    checkpoints = checkpoints_newest_first(Path(args.work_dir))
+    return (f'error: interrupted (Ctrl-C); the checkpoints written before are intact (last: '
+            f'{checkpoints[0] if checkpoints else "none yet"}): continue with --resume-from auto')
+
+
 class StopRequest:
     """SIGTERM and SIGINT while training (a scheduler's preemption, Ctrl-C), as a context.
 
@@ -463,127 +475,8 @@ class StopRequest:
         return self.at is not None and self.at <= iteration
 
 
-def interrupted(args):
-    """The line of a run that Ctrl-C ended at once."""
-    checkpoints = checkpoints_newest_first(Path(args.work_dir))
-    return (f'error: interrupted (Ctrl-C); the checkpoints written before are intact (last: '
-            f'{checkpoints[0] if checkpoints else "none yet"}): continue with --resume-from auto')
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    runtime, lock = None, None
-    opened = contextlib.ExitStack()          # what train() opens: closed here, however it ends
-    try:
-        check_args(args)
-        runtime = bisenet.Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
-        lock = hold_work_dir(Path(args.work_dir), runtime)
-        train(args, runtime, opened)
-    except (bisenet.SetupError, bisenet.DatasetError, bisenet.CheckpointError) as e:
-        sys.exit(f'error: {bisenet.one_line(e)}')
-    except KeyboardInterrupt:
-        print(interrupted(args), file=sys.stderr, flush=True)
-        sys.exit(130)                               # the shell's status for SIGINT
-    except RuntimeError as e:
-        line = fault_line(e, args) if runtime is not None else None
-        if line is None:
-            raise
-        sys.exit(f'error: {line}')
-    finally:
-        opened.close()
-        if lock is not None:
-            lock.close()                            # and with it the work dir's lock
-        if runtime is not None:
-            runtime.close(finished=sys.exc_info()[0] is None)
-
-
-def train(args, runtime, opened):
-    """The recipe, top-down: data, model and resume, then the loop. What it opens (files, the
-    signal handlers) goes on `opened`, which main() closes however the run ends."""
-    work_dir = Path(args.work_dir)                # made and locked by hold_work_dir
-    log, announce = open_log(work_dir, runtime, opened)
-    validate = not (args.no_validate or args.perf or args.prof)
-    train_set, val_set = make_data_sets(args, runtime, validate, log)
-    model, optimizer, scaler = make_model(args, runtime, train_set, log)
-    resumed, start_iter, best_miou = resume(args, runtime, model, optimizer, scaler, log)
-    if start_iter >= args.iters:
-        log(f'{resumed} is at iteration {start_iter}: the run is complete (--iters '
-            f'{args.iters}), nothing to train; give a larger --iters to train on')
-        if args.demo and validate:
-            log(demo_result(best_miou, len(val_set), work_dir))
-        return
-    ddp_model = runtime.data_parallel(model)
-    loader = make_loader(args, runtime, train_set, start_iter)
-    # From here on SIGTERM and SIGINT stop the run at a sync point (the data workers, forked at
-    # the first batch, inherit the handler and leave the decision to this process).
-    stop = opened.enter_context(StopRequest(start_iter, args, validate, announce))
-    log_setup(args, runtime, len(train_set), model.num_classes, log)
-    run = Run(args, runtime, model, optimizer, scaler, val_set, validate, stop, best_miou, log)
-    run.open_records(start_iter, opened)
-    profiler = runtime.profiler(work_dir / 'prof') if args.prof else None
-    if profiler is not None:
-        profiler.start()
-    perf_warmup, perf_start = min(10, max(args.iters - start_iter - 1, 0) // 5), None
-    if args.sync_debug and runtime.type != 'cuda':
-        log('note: --sync-debug checks CUDA devices only')
-
-    # An iteration never waits for the device, so the host can queue the next one: the losses
-    # add up on the device (Window), and the host reads them, checks the run's health and looks
-    # for a stop signal only at a sync point (due(): the same iterations on every rank).
-    model.train()
-    iteration, batches = start_iter, iter(loader)
-    window = Window(iteration + 1, runtime.device)
-    while iteration < args.iters:
-        data_start = time.time()
-        images, labels, params = next(batches)
-        window.data_time += time.time() - data_start
-        images = images.to(runtime.device, non_blocking=True)
-        labels = labels.to(runtime.device, non_blocking=True).long()
-        images = bisenet.distort_and_normalize(images, params)
-        images = images.contiguous(memory_format=runtime.train_format)
-
-        lr = get_lr(iteration, args.lr, args.iters, args.warmup_iters)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        # Dropout's randomness is a function of (seed, iteration, rank): exact resume for free.
-        torch.manual_seed(int(np.random.SeedSequence([args.seed, iteration, runtime.rank])
-                              .generate_state(1)[0]))
-        with runtime.autocast():
-            outputs = ddp_model(images)
-        losses = torch.stack(criterion(outputs, labels))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses.sum()).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        window.add(losses)
-        iteration += 1
-        stop.done = iteration
-
-        if profiler is not None:
-            profiler.step()
-            if iteration - start_iter >= 7:     # the schedule skips one step and warms up one
-                profiler.stop()
-                log(f'profile of iterations {start_iter + 3}-{iteration} written to '
-                    f'{work_dir / "prof"}')
-                return
-        if iteration - start_iter == perf_warmup:
-            runtime.synchronize()
-            perf_start = time.time()
-        if any(due(iteration, args, validate)):
-            window = sync_point(run, iteration, lr, window)
-            if window is None:                  # stopped by a signal, latest.pth saved
-                return
-
-    if args.perf and perf_start is not None:
-        runtime.synchronize()
-        images = (iteration - start_iter - perf_warmup) * args.batch_size * runtime.world_size
-        log(f'FPS: {images / (time.time() - perf_start):.2f}')
-    if args.demo and validate:
-        log(demo_result(run.last_miou, len(val_set), work_dir))
-
-
 # ----------------------------------------------------------------------------------------------
-# The stages of train(), in its order
+# The stages of train(), in its order; then train() and main()
 # ----------------------------------------------------------------------------------------------
 
 
@@ -796,40 +689,19 @@ class Run:
             self.stop.saving = False
 
 
-def sync_point(run, iteration, lr, window):
-    """What an iteration due() for does besides its step, in this order: the health check
-    (so that no checkpoint ever holds a diverged run), the log, validation (and best.pth), the
-    checkpoints, the stop signal. Returns the next window, or None where the run stops."""
-    args, runtime, model = run.args, run.runtime, run.model
-    log_due, val_due, save_due = due(iteration, args, run.validate)
-    runtime.forbid_syncs(False)
-    weights_finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
-    signalled = torch.tensor(int(run.stop.due(iteration)), device=runtime.device)
-    status = torch.stack([window.nonfinite, (~weights_finite).long(), signalled])
-    nonfinite, broken_weights, stopping = runtime.all_reduce(status).tolist()
-    scale = run.scaler.get_scale() if run.loss_scaling == 'dynamic' else None
-    why = divergence(nonfinite, not broken_weights, run.loss_scaling, scale)
-    if why:
-        hint = ' or --loss-scale' if run.loss_scaling == 'static' else ''
-        raise bisenet.SetupError(f'training diverged between iterations {window.first} and '
-                                 f'{iteration}: {why}; lower --lr{hint} and resume from the '
-                                 f'last checkpoint')
-    if log_due:
-        record = log_window(window, iteration, lr, scale, args, runtime, run.log)
-        run.write(record, {f'train/{key}': value for key, value in record.items()
-                           if key not in ('iter', 'eta_s')}, iteration)
-        window = Window(iteration + 1, runtime.device)
-    if val_due:
-        validate(run, iteration)
-    if save_due:
-        run.checkpoint(iteration, [f'iter_{iteration}.pth', 'latest.pth'])
-    if stopping and iteration < args.iters:
-        run.checkpoint(iteration, ['latest.pth'])
-        run.log(f'stopped by {run.stop.signal or "signal"} at iteration {iteration}: saved '
-                f'latest.pth; continue with --resume-from auto')
-        return None
-    runtime.forbid_syncs(args.sync_debug)
-    return window
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f'{seconds // 86400}d {seconds % 86400 // 3600:02d}:{seconds % 3600 // 60:02d}:' \
+           f'{seconds % 60:02d}' if seconds >= 86400 else \
+        f'{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def memory_line(record):
+    """The log's memory figure: the device's peak allocations, or on CPU the process's peak
+    resident set (Runtime.peak_memory)."""
+    if 'memory_gb' in record:
+        return f'mem {record["memory_gb"]:.2f} GB'
+    return f'peak RSS {record["peak_rss_gb"]:.2f} GB' if 'peak_rss_gb' in record else ''
 
 
 def log_window(window, iteration, lr, scale, args, runtime, log):
@@ -877,24 +749,157 @@ def validate(run, iteration):
         run.log(f'best mIoU {run.best_miou:.2f} at iteration {iteration}: saved best.pth')
 
 
+def sync_point(run, iteration, lr, window):
+    """What an iteration due() for does besides its step, in this order: the health check
+    (so that no checkpoint ever holds a diverged run), the log, validation (and best.pth), the
+    checkpoints, the stop signal. Returns the next window, or None where the run stops."""
+    args, runtime, model = run.args, run.runtime, run.model
+    log_due, val_due, save_due = due(iteration, args, run.validate)
+    runtime.forbid_syncs(False)
+    weights_finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+    signalled = torch.tensor(int(run.stop.due(iteration)), device=runtime.device)
+    status = torch.stack([window.nonfinite, (~weights_finite).long(), signalled])
+    nonfinite, broken_weights, stopping = runtime.all_reduce(status).tolist()
+    scale = run.scaler.get_scale() if run.loss_scaling == 'dynamic' else None
+    why = divergence(nonfinite, not broken_weights, run.loss_scaling, scale)
+    if why:
+        hint = ' or --loss-scale' if run.loss_scaling == 'static' else ''
+        raise bisenet.SetupError(f'training diverged between iterations {window.first} and '
+                                 f'{iteration}: {why}; lower --lr{hint} and resume from the '
+                                 f'last checkpoint')
+    if log_due:
+        record = log_window(window, iteration, lr, scale, args, runtime, run.log)
+        run.write(record, {f'train/{key}': value for key, value in record.items()
+                           if key not in ('iter', 'eta_s')}, iteration)
+        window = Window(iteration + 1, runtime.device)
+    if val_due:
+        validate(run, iteration)
+    if save_due:
+        run.checkpoint(iteration, [f'iter_{iteration}.pth', 'latest.pth'])
+    if stopping and iteration < args.iters:
+        run.checkpoint(iteration, ['latest.pth'])
+        run.log(f'stopped by {run.stop.signal or "signal"} at iteration {iteration}: saved '
+                f'latest.pth; continue with --resume-from auto')
+        return None
+    runtime.forbid_syncs(args.sync_debug)
+    return window
+
+
 def demo_result(miou, val_images, work_dir):
     return (f'demo done: mIoU {miou:.2f} on {val_images} synthetic val images; pictures in '
             f'{work_dir / "demo_predictions"}, checkpoints in {work_dir}')
 
 
-def memory_line(record):
-    """The log's memory figure: the device's peak allocations, or on CPU the process's peak
-    resident set (Runtime.peak_memory)."""
-    if 'memory_gb' in record:
-        return f'mem {record["memory_gb"]:.2f} GB'
-    return f'peak RSS {record["peak_rss_gb"]:.2f} GB' if 'peak_rss_gb' in record else ''
+def train(args, runtime, opened):
+    """The recipe, top-down: data, model and resume, then the loop. What it opens (files, the
+    signal handlers) goes on `opened`, which main() closes however the run ends."""
+    work_dir = Path(args.work_dir)                # made and locked by hold_work_dir
+    log, announce = open_log(work_dir, runtime, opened)
+    validate = not (args.no_validate or args.perf or args.prof)
+    train_set, val_set = make_data_sets(args, runtime, validate, log)
+    model, optimizer, scaler = make_model(args, runtime, train_set, log)
+    resumed, start_iter, best_miou = resume(args, runtime, model, optimizer, scaler, log)
+    if start_iter >= args.iters:
+        log(f'{resumed} is at iteration {start_iter}: the run is complete (--iters '
+            f'{args.iters}), nothing to train; give a larger --iters to train on')
+        if args.demo and validate:
+            log(demo_result(best_miou, len(val_set), work_dir))
+        return
+    ddp_model = runtime.data_parallel(model)
+    loader = make_loader(args, runtime, train_set, start_iter)
+    # From here on SIGTERM and SIGINT stop the run at a sync point (the data workers, forked at
+    # the first batch, inherit the handler and leave the decision to this process).
+    stop = opened.enter_context(StopRequest(start_iter, args, validate, announce))
+    log_setup(args, runtime, len(train_set), model.num_classes, log)
+    run = Run(args, runtime, model, optimizer, scaler, val_set, validate, stop, best_miou, log)
+    run.open_records(start_iter, opened)
+    profiler = runtime.profiler(work_dir / 'prof') if args.prof else None
+    if profiler is not None:
+        profiler.start()
+    perf_warmup, perf_start = min(10, max(args.iters - start_iter - 1, 0) // 5), None
+    if args.sync_debug and runtime.type != 'cuda':
+        log('note: --sync-debug checks CUDA devices only')
+
+    # An iteration never waits for the device, so the host can queue the next one: the losses
+    # add up on the device (Window), and the host reads them, checks the run's health and looks
+    # for a stop signal only at a sync point (due(): the same iterations on every rank).
+    model.train()
+    iteration, batches = start_iter, iter(loader)
+    window = Window(iteration + 1, runtime.device)
+    while iteration < args.iters:
+        data_start = time.time()
+        images, labels, params = next(batches)
+        window.data_time += time.time() - data_start
+        images = images.to(runtime.device, non_blocking=True)
+        labels = labels.to(runtime.device, non_blocking=True).long()
+        images = bisenet.distort_and_normalize(images, params)
+        images = images.contiguous(memory_format=runtime.train_format)
+
+        lr = get_lr(iteration, args.lr, args.iters, args.warmup_iters)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        # Dropout's randomness is a function of (seed, iteration, rank): exact resume for free.
+        torch.manual_seed(int(np.random.SeedSequence([args.seed, iteration, runtime.rank])
+                              .generate_state(1)[0]))
+        with runtime.autocast():
+            outputs = ddp_model(images)
+        losses = torch.stack(criterion(outputs, labels))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses.sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        window.add(losses)
+        iteration += 1
+        stop.done = iteration
+
+        if profiler is not None:
+            profiler.step()
+            if iteration - start_iter >= 7:     # the schedule skips one step and warms up one
+                profiler.stop()
+                log(f'profile of iterations {start_iter + 3}-{iteration} written to '
+                    f'{work_dir / "prof"}')
+                return
+        if iteration - start_iter == perf_warmup:
+            runtime.synchronize()
+            perf_start = time.time()
+        if any(due(iteration, args, validate)):
+            window = sync_point(run, iteration, lr, window)
+            if window is None:                  # stopped by a signal, latest.pth saved
+                return
+
+    if args.perf and perf_start is not None:
+        runtime.synchronize()
+        images = (iteration - start_iter - perf_warmup) * args.batch_size * runtime.world_size
+        log(f'FPS: {images / (time.time() - perf_start):.2f}')
+    if args.demo and validate:
+        log(demo_result(run.last_miou, len(val_set), work_dir))
 
 
-def format_eta(seconds):
-    seconds = int(seconds)
-    return f'{seconds // 86400}d {seconds % 86400 // 3600:02d}:{seconds % 3600 // 60:02d}:' \
-           f'{seconds % 60:02d}' if seconds >= 86400 else \
-        f'{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+def main(argv=None):
+    args = parse_args(argv)
+    runtime, lock = None, None
+    opened = contextlib.ExitStack()          # what train() opens: closed here, however it ends
+    try:
+        check_args(args)
+        runtime = bisenet.Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
+        lock = hold_work_dir(Path(args.work_dir), runtime)
+        train(args, runtime, opened)
+    except (bisenet.SetupError, bisenet.DatasetError, bisenet.CheckpointError) as e:
+        sys.exit(f'error: {bisenet.one_line(e)}')
+    except KeyboardInterrupt:
+        print(interrupted(args), file=sys.stderr, flush=True)
+        sys.exit(130)                               # the shell's status for SIGINT
+    except RuntimeError as e:
+        line = fault_line(e, args) if runtime is not None else None
+        if line is None:
+            raise
+        sys.exit(f'error: {line}')
+    finally:
+        opened.close()
+        if lock is not None:
+            lock.close()                            # and with it the work dir's lock
+        if runtime is not None:
+            runtime.close(finished=sys.exc_info()[0] is None)
 
 
 if __name__ == '__main__':
