@@ -13,9 +13,10 @@ initialisation and the same parameter names, so mmsegmentation's checkpoints loa
 
 The second half of the file is the data both train.py and eval.py read: Cityscapes (raw
 labelIds mapped to train ids on the fly) or a data set of your own (classes.txt, images/,
-labels/: see Layout), every label checked as it loads, the reference's training augmentation
-and a synthetic Cityscapes-layout set for demos and tests. One file, so the two scripts share
-one copy.
+labels/: see cityscapes_files and own_files), every label checked as it loads, the
+reference's training augmentation and a synthetic Cityscapes-layout set for demos and tests;
+then the Runtime, the one place that decides device, backend and precision. One file, so the
+two scripts share one copy.
 
     python bisenet.py                     # self-check: parameter counts and output shapes
     python bisenet.py --check-data ROOT   # every label looked at, on all cores: class shares,
@@ -801,21 +802,15 @@ class Layout:
         if not root.is_dir():
             raise DatasetError(f'data path {root} does not exist')
         self.cityscapes = (root / 'leftImg8bit').is_dir() or (root / 'gtFine').is_dir()
-        if self.cityscapes:
-            self.classes_file, self.class_list = None, CITYSCAPES
-            self.classes, self.palette, self.ignore_colours, self.reads_colours, self.id_table = \
-                CITYSCAPES
-            return
-        self.classes_file = root / 'classes.txt'
-        if not self.classes_file.is_file():
+        self.classes_file = None if self.cityscapes else root / 'classes.txt'
+        if self.classes_file and not self.classes_file.is_file():
             if any((root / folder).is_dir() for folder in ('images', 'labels', 'annotations')):
                 raise DatasetError(f'{self.classes_file} is missing: write the class names there, '
                                    f'one per line in train-id order (README: "Your own data set")')
             raise DatasetError(f'{root} holds neither Cityscapes (leftImg8bit/, gtFine/) nor a '
                                f'data set of your own (classes.txt, images/, labels/)')
-        self.class_list = read_classes(self.classes_file)
         self.classes, self.palette, self.ignore_colours, self.reads_colours, self.id_table = \
-            self.class_list
+            read_classes(self.classes_file) if self.classes_file else CITYSCAPES
 
     def folder(self, kind, split):
         """ROOT/KIND/SPLIT, or the first of its aliases that exists."""
@@ -1125,7 +1120,7 @@ class DecodedCache:
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """One split of a data set folder in either Layout: images with their labels as train ids
+    """One split of a data set folder (Layout): images with their labels as train ids
     (0 to C-1, 255 = ignore), C = len(classes); `classes` and `palette` name and colour them.
 
     Without a transform an item is (RGB uint8 array (H, W, 3), train-id uint8 array (H, W)).

@@ -564,16 +564,16 @@ def make_model(args, runtime, train_set, log):
 
 
 def resume(args, runtime, model, optimizer, scaler, log):
-    """(checkpoint, iteration, best mIoU) to continue from: --resume-from's checkpoint (with
-    'auto' the newest of the work dir that loads), loaded into the model, optimizer and
-    scaler; (None, 0, -1.0) for a new run."""
+    """(iteration, best mIoU) to continue from: --resume-from's checkpoint (with 'auto' the
+    newest of the work dir that loads), loaded into the model, optimizer and scaler, or said
+    to be the end of the run already; (0, -1.0) for a new run."""
     path, ckpt = args.resume_from, None
     if path == 'auto':
         path, ckpt = newest_resumable(Path(args.work_dir), log)
     elif path:
         ckpt = read_resumable(path)
     if ckpt is None:
-        return None, 0, -1.0
+        return 0, -1.0
     bisenet.load_state_dict(model, ckpt['model'], source=str(path))
     kernels = [{k: g[k] for k in ('foreach', 'fused') if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt['optimizer'])
@@ -584,7 +584,10 @@ def resume(args, runtime, model, optimizer, scaler, log):
         log(fresh_scaler)
     if ckpt['iteration'] < args.iters:
         log(f'resumed from {path} at iteration {ckpt["iteration"]}')
-    return path, ckpt['iteration'], ckpt.get('best_miou', -1.0)
+    else:
+        log(f'{path} is at iteration {ckpt["iteration"]}: the run is complete (--iters '
+            f'{args.iters}), nothing to train; give a larger --iters to train on')
+    return ckpt['iteration'], ckpt.get('best_miou', -1.0)
 
 
 def make_loader(args, runtime, train_set, start_iter):
@@ -606,6 +609,8 @@ def log_setup(args, runtime, images, num_classes, log):
         f'1e-4), {images} training images from {args.data_path}, {num_classes} classes')
     if global_batch != 16 and not args.demo:
         log('note: the reference recipe uses a global batch of 16 with lr 0.025')
+    if args.sync_debug and runtime.type != 'cuda':
+        log('note: --sync-debug checks CUDA devices only')
 
 
 class Window:
@@ -798,10 +803,8 @@ def train(args, runtime, opened):
     validate = not (args.no_validate or args.perf or args.prof)
     train_set, val_set = make_data_sets(args, runtime, validate, log)
     model, optimizer, scaler = make_model(args, runtime, train_set, log)
-    resumed, start_iter, best_miou = resume(args, runtime, model, optimizer, scaler, log)
-    if start_iter >= args.iters:
-        log(f'{resumed} is at iteration {start_iter}: the run is complete (--iters '
-            f'{args.iters}), nothing to train; give a larger --iters to train on')
+    start_iter, best_miou = resume(args, runtime, model, optimizer, scaler, log)
+    if start_iter >= args.iters:                  # a finished run: resume() said so
         if args.demo and validate:
             log(demo_result(best_miou, len(val_set), work_dir))
         return
@@ -817,8 +820,6 @@ def train(args, runtime, opened):
     if profiler is not None:
         profiler.start()
     perf_warmup, perf_start = min(10, max(args.iters - start_iter - 1, 0) // 5), None
-    if args.sync_debug and runtime.type != 'cuda':
-        log('note: --sync-debug checks CUDA devices only')
 
     # An iteration never waits for the device, so the host can queue the next one: the losses
     # add up on the device (Window), and the host reads them, checks the run's health and looks
