@@ -809,8 +809,10 @@ class Layout:
                                    f'one per line in train-id order (README: "Your own data set")')
             raise DatasetError(f'{root} holds neither Cityscapes (leftImg8bit/, gtFine/) nor a '
                                f'data set of your own (classes.txt, images/, labels/)')
-        self.classes, self.palette, self.ignore_colours, self.reads_colours, self.id_table = \
-            read_classes(self.classes_file) if self.classes_file else CITYSCAPES
+        meaning = read_classes(self.classes_file) if self.classes_file else CITYSCAPES
+        self.classes, self.palette = meaning.names, meaning.palette
+        self.ignore_colours, self.id_table = meaning.ignore_colours, meaning.id_table
+        self.reads_colours = meaning.all_coloured
 
     def folder(self, kind, split):
         """ROOT/KIND/SPLIT, or the first of its aliases that exists."""
