@@ -632,11 +632,11 @@ CITYSCAPES = ClassList(CLASSES, PALETTE, (), True, None)
 
 def read_classes(path):
     """classes.txt: one class a line, in train-id order, as 'NAME' or 'NAME R G B' (names may
-    hold spaces); 'ignore: [NAME] R G B' names a colour whose pixels are ignored; a line
-    'reduce_zero_label' says that index labels count from 1 with 0 ignored (ADE20K, as
-    mmsegmentation's option of that name); lines starting with '#' are comments. Returns a
-    ClassList."""
-    names, colours, ignored, id_table = [], [], [], None
+    hold spaces); 'ignore: [NAME] R G B' names a colour whose pixels are ignored, and
+    'ignore: [NAME] VALUE' an index label value (CamVid's 11, say); a line 'reduce_zero_label'
+    says that index labels count from 1 with 0 ignored (ADE20K, as mmsegmentation's option of
+    that name); lines starting with '#' are comments. Returns a ClassList."""
+    names, colours, ignored, ignored_values, id_table = [], [], [], [], None
     for number, line in enumerate(path.read_text(encoding='utf-8-sig').splitlines(), 1):
         line = line.strip()
         if not line or line.startswith('#'):
@@ -652,8 +652,14 @@ def read_classes(path):
             if max(colour) > 255:
                 raise DatasetError(f'{path} line {number}: colour {colour} has a value above 255')
         if ignore and colour is None:
-            raise DatasetError(f'{path} line {number}: "ignore:" needs a colour, as in '
-                               f'"ignore: void 0 0 0"')
+            if not words or not words[-1].isdigit():
+                raise DatasetError(f'{path} line {number}: "ignore:" needs a colour or a label '
+                                   f'value, as in "ignore: void 0 0 0" or "ignore: void 11"')
+            if int(words[-1]) > 254:
+                raise DatasetError(f'{path} line {number}: label values go up to 254 (255 is '
+                                   f'ignored anyway)')
+            ignored_values.append((number, int(words[-1])))
+            continue
         if not ignore and not words:
             raise DatasetError(f'{path} line {number}: a class needs a name before its colour')
         if ignore:
@@ -671,6 +677,13 @@ def read_classes(path):
         repeated = sorted({item for item in items if items.count(item) > 1}, key=str)
         if repeated:
             raise DatasetError(f'{path} lists the {what} {repeated[0]} twice: each must be unique')
+    if ignored_values:                    # the file's values, after reduce_zero_label's shift
+        id_table = list(id_table or range(256))
+        for number, value in ignored_values:
+            if id_table[value] < len(names):
+                raise DatasetError(f'{path} line {number}: label value {value} is the class '
+                                   f'{names[id_table[value]]!r}; ignore a value that is no class')
+            id_table[value] = IGNORE_INDEX
     defaults = iter(default_palette(colours.count(None), taken=set(colours) | set(ignored)))
     palette = tuple(colour or next(defaults) for colour in colours)
     return ClassList(tuple(names), palette, tuple(ignored), None not in colours, id_table)
@@ -858,9 +871,13 @@ class Layout:
         bad = [value for value in range(len(self.classes), IGNORE_INDEX) if counts[value]]
         if bad:
             share = sum(counts[v] for v in bad) / (label.width * label.height)
-            raise DatasetError(f'{path} holds the value {bad[0]}' + (f' (and {len(bad) - 1} other '
-                               f'values)' if len(bad) > 1 else '') + f' in {share:.2%} of its '
-                               f'pixels, but {self.what_values()}')
+            # the value as the file holds it, before the id table (reduce_zero_label's shift)
+            stored = next(v for v in range(256) if (id_table[v] if id_table else v) == bad[0])
+            hint = (f'; if {stored} marks pixels to ignore, add the line "ignore: void {stored}" '
+                    f'to {self.classes_file}' if self.classes_file else '')
+            raise DatasetError(f'{path} holds the value {stored}' + (f' (and {len(bad) - 1} '
+                               f'other values)' if len(bad) > 1 else '') + f' in {share:.2%} of '
+                               f'its pixels, but {self.what_values()}{hint}')
         return label, counts
 
     def what_values(self):

@@ -808,6 +808,37 @@ def test_ade20k_names_and_labels_that_count_from_one(tmp_path):
     assert dataset[0][1][0].tolist() == [255] * 10 + [0] * 10 + [1] * 10 + [255] * 10
 
 
+def test_ignore_values_in_classes_txt_and_the_line_a_stray_value_asks_for(tmp_path):
+    """CamVid's index labels as they ship: 11 classes, 11 for void. Without a line for it the
+    message names the line to add; with it the labels train as they are."""
+    names = ''.join(f'class{i}\n' for i in range(11))
+    label = np.array([[0, 5, 10, 11, 255]] * 30, np.uint8).repeat(8, 1)
+    write_own(tmp_path, 'camvid', label=label)
+    (tmp_path / 'classes.txt').write_text(names)
+    [problem] = problems_of(tmp_path)
+    assert 'camvid.png holds the value 11 in 20.00% of its pixels' in problem
+    assert f'add the line "ignore: void 11" to {tmp_path / "classes.txt"}' in problem
+    (tmp_path / 'classes.txt').write_text(names + 'ignore: void 11\nignore: 12\n')
+    assert problems_of(tmp_path) == []
+    assert bisenet.SegmentationDataset(tmp_path)[0][1][0].tolist() == \
+        [0] * 8 + [5] * 8 + [10] * 8 + [255] * 16
+    # after reduce_zero_label's shift: value 0 ignored, 1 -> class 0, and 12 ignored too
+    (tmp_path / 'classes.txt').write_text('reduce_zero_label\n' + names + 'ignore: 12\n')
+    assert bisenet.read_classes(tmp_path / 'classes.txt').id_table[:14] == \
+        [255] + list(range(11)) + [255, 12]
+    assert problems_of(tmp_path) == []                 # the file's 11 is class10 here
+    assert bisenet.SegmentationDataset(tmp_path)[0][1][0].tolist() == \
+        [255] * 8 + [4] * 8 + [9] * 8 + [10] * 8 + [255] * 8
+    write_own(tmp_path, 'camvid', label=np.full((30, 40), 13, np.uint8))
+    [problem] = problems_of(tmp_path)                   # named as the file holds it
+    assert 'holds the value 13 in 100.00%' in problem and '"ignore: void 13"' in problem
+    for text, words in (('a\nignore: void 0\n', "label value 0 is the class 'a'"),
+                        ('a\nignore: 300\n', 'go up to 254')):
+        (tmp_path / 'classes.txt').write_text(text)
+        with pytest.raises(bisenet.DatasetError, match=words):
+            bisenet.read_classes(tmp_path / 'classes.txt')
+
+
 def test_binary_masks_saved_as_0_and_255_are_named(tmp_path):
     (tmp_path / 'classes.txt').write_text('background\nobject\n')
     mask = np.zeros((30, 40), np.uint8)
