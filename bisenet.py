@@ -88,7 +88,13 @@ class CheckpointError(ValueError):
 
 
 class DatasetError(ValueError):
-    """A data set folder that cannot be used as it is."""
+    """A data set folder that cannot be used as it is. A label's problem also says its `kind`,
+    what the check groups files by (('value', V) or ('colour', (R, G, B))), `bad`: how many of
+    its pixels are, of how many, and the label's histogram of train ids (`counts`)."""
+
+    def __init__(self, message, kind=None, bad=(0, 0), counts=None):
+        super().__init__(message)
+        self.kind, self.bad, self.counts = kind, bad, counts
 
 
 class SetupError(RuntimeError):
@@ -877,7 +883,9 @@ class Layout:
                     f'to {self.classes_file}' if self.classes_file else '')
             raise DatasetError(f'{path} holds the value {stored}' + (f' (and {len(bad) - 1} '
                                f'other values)' if len(bad) > 1 else '') + f' in {share:.2%} of '
-                               f'its pixels, but {self.what_values()}{hint}')
+                               f'its pixels, but {self.what_values()}{hint}',
+                               ('value', stored),
+                               (sum(counts[v] for v in bad), label.width * label.height), counts)
         return label, counts
 
     def what_values(self):
@@ -923,7 +931,9 @@ class Layout:
                                + (f' ({len(unlisted) - 1} more unlisted colours)'
                                   if len(unlisted) > 1 else '')
                                + f'; add it as a class or as "ignore: NAME {colour[0]} '
-                                 f'{colour[1]} {colour[2]}"')
+                                 f'{colour[1]} {colour[2]}"',
+                               ('colour', colour),
+                               (sum(n for n, _ in unlisted), rgb.width * rgb.height), counts)
         return ids, counts
 
 
@@ -1001,20 +1011,23 @@ def read_sample(layout, sample, pixels=True):
 
 def look_at(layout, sample):
     """What a check learns of one sample without decoding its image: (image size, histogram
-    of the label's train ids, None), or (None, None, the problem)."""
+    of the label's train ids, None), or (None, the histogram where the label could be read,
+    the problem: (message, kind, bad pixels, the label file); see DatasetError)."""
     try:
         size, _, counts = read_sample(layout, sample, pixels=False)
         return size, counts, None
     except DatasetError as e:
-        return None, None, str(e)
+        return None, e.counts, (str(e), e.kind, e.bad, sample.label)
 
 
 def survey(layout, split, samples, limit=None, processes=1):
     """Look at the labels of a split's samples (all of them, or `limit` spread over the split)
     in `processes` processes, as `python bisenet.py --check-data` and train.py do. Returns a
     dict: 'looked' (how many), 'sizes' [(w, h)], 'pixels' (counts per train id, 256),
-    'problems' (each one line: what cannot be trained on) and 'warnings' (what can, but is
-    likely wrong)."""
+    'problems' (each one line: what cannot be trained on), 'groups' (the labels with the same
+    stray value or colour: {kind: {'labels', 'bad', 'pixels', 'first': the first one's
+    problem}}), 'ungrouped' (the other
+    problems) and 'warnings' (what can be trained on, but is likely wrong)."""
     count = len(samples)
     if limit is not None and limit < count:
         samples = [samples[i] for i in sorted(set(np.linspace(0, count - 1, limit).round()
@@ -1034,13 +1047,22 @@ def survey(layout, split, samples, limit=None, processes=1):
                              f'likely for memory): run again, or with fewer --workers') from None
     else:
         results = [work(sample) for sample in samples]
-    pixels, sizes, problems = np.zeros(256, np.int64), [], []
+    pixels, sizes, problems, groups, ungrouped = np.zeros(256, np.int64), [], [], {}, []
     for size, counts, problem in results:
-        if problem:
-            problems.append(problem)
-        else:
-            sizes.append(size)
+        if counts is not None:              # also a label with a stray value or colour
             pixels += counts
+        if problem is None:
+            sizes.append(size)
+            continue
+        problems.append(problem[0])
+        if problem[1] is None:
+            ungrouped.append(problem[0])
+        else:
+            group = groups.setdefault(problem[1], {'labels': [], 'bad': 0, 'pixels': 0,
+                                                   'first': problem[0]})
+            group['labels'].append(problem[3])
+            group['bad'] += problem[2][0]
+            group['pixels'] += problem[2][1]
     warnings_, classes = [], layout.classes
     seen = set(np.flatnonzero(pixels).tolist())
     looked = f'the {len(samples)} {split} labels looked at' if len(samples) < count \
@@ -1052,13 +1074,14 @@ def survey(layout, split, samples, limit=None, processes=1):
         problems.append(f'{looked} hold only the values 0 and 255, but 255 means "ignore": '
                         f'{names} would never be learnt; save masks with 1 for the object (0/1 '
                         f'masks; 255 only for pixels to ignore)')
+        ungrouped.append(problems[-1])
     elif sizes:
         absent = [name for i, name in enumerate(classes) if not pixels[i]]
         if absent:
             warnings_.append(f'class {", ".join(repr(n) for n in absent)} never occurs in '
                              f'{looked}: the model cannot learn it')
     return {'looked': len(samples), 'sizes': sizes, 'pixels': pixels, 'problems': problems,
-            'warnings': warnings_}
+            'groups': groups, 'ungrouped': ungrouped, 'warnings': warnings_}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1873,6 +1896,22 @@ def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_
           f'against {bare * 1e3:.2f} ms for a bare decode of the label ({check / bare:.2f} x)')
 
 
+def group_line(kind, group, layout):
+    """One line for every label that holds the same stray value or colour (survey's groups):
+    how many, their share of those labels' pixels, the first few, and what to do."""
+    (what, value), labels = kind, group['labels']
+    names = ', '.join(str(label) for label in labels[:3]) + (
+        f' and {len(labels) - 3} more' if len(labels) > 3 else '')
+    found = (f'the {what} {value} in {len(labels)} labels ({group["bad"] / group["pixels"]:.2%} '
+             f'of their pixels: {names})')
+    if what == 'value':
+        return (f'{found}: if {value} marks pixels to ignore, add the line "ignore: void {value}" '
+                f'to {layout.classes_file}; else fix those labels, or list the classes they '
+                f'hold in {layout.classes_file}')
+    return (f'{found}: add it to {layout.classes_file} as a class, or as "ignore: NAME '
+            f'{value[0]} {value[1]} {value[2]}"')
+
+
 def check_data(root, splits=('train', 'val'), processes=None):
     """python bisenet.py --check-data ROOT: every label of every split looked at, on all
     cores. Prints per split the images, their sizes, each class's share of the pixels and
@@ -1882,7 +1921,6 @@ def check_data(root, splits=('train', 'val'), processes=None):
     source = f'from {layout.classes_file}' if layout.classes_file else '(the Cityscapes layout)'
     print(f'{root}: {len(layout.classes)} classes {source}')
     total, start, looked = 0, time.perf_counter(), 0
-    width = max(len(name) for name in layout.classes + ('(ignored)',)) + 2
     for split in splits:
         try:
             samples, _, problems = layout.find(split)
@@ -1892,7 +1930,8 @@ def check_data(root, splits=('train', 'val'), processes=None):
             continue
         found = survey(layout, split, samples, processes=processes)
         looked += found['looked']
-        problems += found['problems']
+        total += len(problems) + len(found['problems'])
+        problems += found['ungrouped']
         sizes, pixels = found['sizes'], found['pixels']
         line = f'{split}: {len(samples)} images'
         if sizes:
@@ -1900,15 +1939,21 @@ def check_data(root, splits=('train', 'val'), processes=None):
             line += f', {w_min}x{h_min} to {w_max}x{h_max} pixels'
         print(line)
         share = pixels / max(pixels.sum(), 1)
+        rows = [(name, share[train_id]) for train_id, name in enumerate(layout.classes)]
+        rows.append(('(ignored)', share[IGNORE_INDEX]))
+        rows += [(f'value {value}: no class', group['bad'] / max(pixels.sum(), 1))
+                 for (kind, value), group in found['groups'].items() if kind == 'value']
+        width = max(len(name) for name, _ in rows) + 2
         print(f'  {"class":<{width}}share of pixels')
-        for train_id, name in enumerate(layout.classes):
-            print(f'  {name:<{width}}{100 * share[train_id]:6.2f}%')
-        print(f'  {"(ignored)":<{width}}{100 * share[IGNORE_INDEX]:6.2f}%')
+        for name, value in rows:
+            print(f'  {name:<{width}}{100 * value:6.2f}%')
+        for kind, group in found['groups'].items():     # one line for each stray value
+            line = group['first'] if len(group['labels']) == 1 else group_line(kind, group, layout)
+            print(f'  problem: {line}')
         for problem in problems:
             print(f'  problem: {problem}')
         for warning in found['warnings']:
             print(f'  warning: {warning}')
-        total += len(problems)
     elapsed = time.perf_counter() - start
     print(f'looked at {looked} labels in {elapsed:.1f} s on {processes} processes: '
           + (f'{total} problems' if total else 'no problems'))

@@ -808,7 +808,7 @@ def test_ade20k_names_and_labels_that_count_from_one(tmp_path):
     assert dataset[0][1][0].tolist() == [255] * 10 + [0] * 10 + [1] * 10 + [255] * 10
 
 
-def test_ignore_values_in_classes_txt_and_the_line_a_stray_value_asks_for(tmp_path):
+def test_ignore_values_in_classes_txt_and_the_line_a_stray_value_asks_for(tmp_path, capsys):
     """CamVid's index labels as they ship: 11 classes, 11 for void. Without a line for it the
     message names the line to add; with it the labels train as they are."""
     names = ''.join(f'class{i}\n' for i in range(11))
@@ -818,16 +818,32 @@ def test_ignore_values_in_classes_txt_and_the_line_a_stray_value_asks_for(tmp_pa
     [problem] = problems_of(tmp_path)
     assert 'camvid.png holds the value 11 in 20.00% of its pixels' in problem
     assert f'add the line "ignore: void 11" to {tmp_path / "classes.txt"}' in problem
+    for i in range(5):
+        write_own(tmp_path, f'more{i}', label=label)
+    bisenet.check_data(tmp_path, splits=('train',), processes=1)
+    out = capsys.readouterr().out.splitlines()
+    [line] = [line for line in out if 'problem:' in line]         # one line for six labels
+    assert 'the value 11 in 6 labels (20.00% of their pixels' in line and 'and 3 more' in line
+    assert f'add the line "ignore: void 11" to {tmp_path / "classes.txt"}' in line
+    shares = dict(line.strip().rsplit(None, 1) for line in out if line.endswith('%'))
+    assert shares['class0'] == '20.00%' and shares['value 11: no class'] == '20.00%'
     (tmp_path / 'classes.txt').write_text(names + 'ignore: void 11\nignore: 12\n')
     assert problems_of(tmp_path) == []
-    assert bisenet.SegmentationDataset(tmp_path)[0][1][0].tolist() == \
+    bisenet.check_data(tmp_path, splits=('train',), processes=1)
+    out = capsys.readouterr().out
+    assert out.strip().endswith('no problems')
+    assert dict(line.strip().rsplit(None, 1) for line in out.splitlines()
+                if line.endswith('%'))['(ignored)'] == '40.00%'
+    dataset = bisenet.SegmentationDataset(tmp_path)
+    assert dataset[dataset.names.index('camvid')][1][0].tolist() == \
         [0] * 8 + [5] * 8 + [10] * 8 + [255] * 16
     # after reduce_zero_label's shift: value 0 ignored, 1 -> class 0, and 12 ignored too
     (tmp_path / 'classes.txt').write_text('reduce_zero_label\n' + names + 'ignore: 12\n')
     assert bisenet.read_classes(tmp_path / 'classes.txt').id_table[:14] == \
         [255] + list(range(11)) + [255, 12]
     assert problems_of(tmp_path) == []                 # the file's 11 is class10 here
-    assert bisenet.SegmentationDataset(tmp_path)[0][1][0].tolist() == \
+    dataset = bisenet.SegmentationDataset(tmp_path)
+    assert dataset[dataset.names.index('camvid')][1][0].tolist() == \
         [255] * 8 + [4] * 8 + [9] * 8 + [10] * 8 + [255] * 8
     write_own(tmp_path, 'camvid', label=np.full((30, 40), 13, np.uint8))
     [problem] = problems_of(tmp_path)                   # named as the file holds it
