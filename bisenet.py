@@ -634,6 +634,66 @@ ClassList.__doc__ = """What a data set's labels mean: the class names in train-i
 colours of ignored pixels, whether every class has a colour of its own (what reading colour
 labels needs), and the id table of its index labels (None: the values are the train ids)."""
 CITYSCAPES = ClassList(CLASSES, PALETTE, (), True, None)
+# Index labels that count from 1, 0 ignored (ADE20K; mmsegmentation's reduce_zero_label).
+REDUCE_ZERO_LABEL = [IGNORE_INDEX] + list(range(254)) + [IGNORE_INDEX]
+# ADE20K's 150 classes and colours (SceneParsing), as mmsegmentation lists them.
+ADE20K_CLASSES = (
+    'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass',
+    'cabinet', 'sidewalk', 'person', 'earth', 'door', 'table', 'mountain', 'plant', 'curtain',
+    'chair', 'car', 'water', 'painting', 'sofa', 'shelf', 'house', 'sea', 'mirror', 'rug',
+    'field', 'armchair', 'seat', 'fence', 'desk', 'rock', 'wardrobe', 'lamp', 'bathtub',
+    'railing', 'cushion', 'base', 'box', 'column', 'signboard', 'chest of drawers', 'counter',
+    'sand', 'sink', 'skyscraper', 'fireplace', 'refrigerator', 'grandstand', 'path', 'stairs',
+    'runway', 'case', 'pool table', 'pillow', 'screen door', 'stairway', 'river', 'bridge',
+    'bookcase', 'blind', 'coffee table', 'toilet', 'flower', 'book', 'hill', 'bench',
+    'countertop', 'stove', 'palm', 'kitchen island', 'computer', 'swivel chair', 'boat', 'bar',
+    'arcade machine', 'hovel', 'bus', 'towel', 'light', 'truck', 'tower', 'chandelier', 'awning',
+    'streetlight', 'booth', 'television receiver', 'airplane', 'dirt track', 'apparel', 'pole',
+    'land', 'bannister', 'escalator', 'ottoman', 'bottle', 'buffet', 'poster', 'stage', 'van',
+    'ship', 'fountain', 'conveyer belt', 'canopy', 'washer', 'plaything', 'swimming pool',
+    'stool', 'barrel', 'basket', 'waterfall', 'tent', 'bag', 'minibike', 'cradle', 'oven', 'ball',
+    'food', 'step', 'tank', 'trade name', 'microwave', 'pot', 'animal', 'bicycle', 'lake',
+    'dishwasher', 'screen', 'blanket', 'sculpture', 'hood', 'sconce', 'vase', 'traffic light',
+    'tray', 'ashcan', 'fan', 'pier', 'crt screen', 'plate', 'monitor', 'bulletin board', 'shower',
+    'radiator', 'glass', 'clock', 'flag')
+ADE20K_PALETTE = (
+    (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80),
+    (140, 140, 140), (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7),
+    (150, 5, 61), (120, 120, 70), (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4),
+    (255, 51, 7), (204, 70, 3), (0, 102, 200), (61, 230, 250), (255, 6, 51), (11, 102, 255),
+    (255, 7, 71), (255, 9, 224), (9, 7, 230), (220, 220, 220), (255, 9, 92), (112, 9, 255),
+    (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10), (7, 255, 255),
+    (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20),
+    (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255),
+    (140, 140, 140), (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0),
+    (153, 255, 0), (0, 0, 255), (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255),
+    (11, 200, 200), (255, 82, 0), (0, 255, 245), (0, 61, 255), (0, 255, 112), (0, 255, 133),
+    (255, 0, 0), (255, 163, 0), (255, 102, 0), (194, 255, 0), (0, 143, 255), (51, 255, 0),
+    (0, 82, 255), (0, 255, 41), (0, 255, 173), (10, 0, 255), (173, 255, 0), (0, 255, 153),
+    (255, 92, 0), (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0), (255, 0, 20),
+    (255, 184, 184), (0, 31, 255), (0, 255, 61), (0, 71, 255), (255, 0, 204), (0, 255, 194),
+    (0, 255, 82), (0, 10, 255), (0, 112, 255), (51, 0, 255), (0, 194, 255), (0, 122, 255),
+    (0, 255, 163), (255, 153, 0), (0, 255, 10), (255, 112, 0), (143, 255, 0), (82, 0, 255),
+    (163, 255, 0), (255, 235, 0), (8, 184, 170), (133, 0, 255), (0, 255, 92), (184, 0, 255),
+    (255, 0, 31), (0, 184, 255), (0, 214, 255), (255, 0, 112), (92, 255, 0), (0, 224, 255),
+    (112, 224, 255), (70, 184, 160), (163, 0, 255), (153, 0, 255), (71, 255, 0), (255, 0, 163),
+    (255, 204, 0), (255, 0, 143), (0, 255, 235), (133, 255, 0), (255, 0, 235), (245, 0, 255),
+    (255, 0, 122), (255, 245, 0), (10, 190, 212), (214, 255, 0), (0, 204, 255), (20, 0, 255),
+    (255, 255, 0), (0, 153, 255), (0, 41, 255), (0, 255, 204), (41, 0, 255), (41, 255, 0),
+    (173, 0, 255), (0, 245, 255), (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255),
+    (184, 255, 0), (0, 133, 255), (255, 214, 0), (25, 194, 194), (102, 255, 0), (92, 0, 255))
+# PASCAL VOC 2012's 21 classes and colours, as mmsegmentation lists them.
+VOC_CLASSES = (
+    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
+    'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa',
+    'train', 'tvmonitor')
+VOC_PALETTE = (
+    (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
+    (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128),
+    (192, 0, 128), (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0),
+    (128, 192, 0), (0, 64, 128))
+VOC = ClassList(VOC_CLASSES, VOC_PALETTE, (), True, None)
+ADE20K = ClassList(ADE20K_CLASSES, ADE20K_PALETTE, (), True, REDUCE_ZERO_LABEL)
 
 
 def read_classes(path):
@@ -648,7 +708,7 @@ def read_classes(path):
         if not line or line.startswith('#'):
             continue
         if line == 'reduce_zero_label':
-            id_table = [IGNORE_INDEX] + list(range(254)) + [IGNORE_INDEX]
+            id_table = REDUCE_ZERO_LABEL
             continue
         ignore = line.lower().startswith('ignore:')
         words = (line[len('ignore:'):] if ignore else line).split()
@@ -693,6 +753,28 @@ def read_classes(path):
     defaults = iter(default_palette(colours.count(None), taken=set(colours) | set(ignored)))
     palette = tuple(colour or next(defaults) for colour in colours)
     return ClassList(tuple(names), palette, tuple(ignored), None not in colours, id_table)
+
+
+def read_labelmap(path):
+    """CVAT's labelmap.txt ('NAME:R,G,B:PARTS:ACTIONS' a line, '#' comments): a ClassList of
+    colour labels, in the file's order."""
+    names, colours = [], []
+    for number, line in enumerate(path.read_text(encoding='utf-8-sig').splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith('#'):
+            continue
+        fields = line.split(':')
+        try:
+            colour = tuple(int(v) for v in fields[1].split(','))
+            assert len(colour) == 3 and max(colour) <= 255 and fields[0].strip()
+        except (IndexError, ValueError, AssertionError):
+            raise DatasetError(f'{path} line {number}: expected NAME:R,G,B::, as CVAT writes '
+                               f'it, not {line.strip()!r}') from None
+        names.append(fields[0].strip())
+        colours.append(colour)
+    if not names or len(set(colours)) < len(colours):
+        raise DatasetError(f'{path} lists no class, or a colour twice: export it again from '
+                           f'CVAT')
+    return ClassList(tuple(names), tuple(colours), (), True, None)
 
 
 UNLISTED = 254      # a colour classes.txt does not list (never a class: read_classes takes 254)
@@ -762,11 +844,16 @@ def own_files(layout, split):
     """Your own: ROOT/images/SPLIT/**/NAME.{png,jpg,jpeg} beside ROOT/labels/SPLIT/**/NAME.png,
     the same relative path and stem; ADE20K's names too (annotations/ for labels/, training/
     and validation/ for train/ and val/). Returns what pair_up takes."""
-    image_dir, label_dir = layout.folder('images', split), layout.folder('labels', split)
+    split_list = layout.root / 'splits' / f'{split}.txt'        # one folder, listed splits
+    if split_list.is_file():
+        image_dir, label_dir = layout.root / 'images', layout.folder('labels', '')
+    else:
+        image_dir, label_dir = layout.folder('images', split), layout.folder('labels', split)
     for folder in (image_dir, label_dir):
         if not folder.is_dir():
             raise DatasetError(f'{folder} is missing: expected images/{split}/ and '
-                               f'labels/{split}/ under {layout.root}')
+                               f'labels/{split}/ under {layout.root}, or images/ and labels/ '
+                               f'with splits/{split}.txt')
     images, labels, problems = {}, {}, []
     for folder, found in ((image_dir, images), (label_dir, labels)):
         for path in sorted(folder.rglob('*')):
@@ -776,12 +863,64 @@ def own_files(layout, split):
                     problems.append(f'{found[name]} and {path} share the name {name}: '
                                     f'rename one of them')
                 found[name] = path
-    if not images:
+    if split_list.is_file():
+        wanted = read_names(split_list)
+        problems += [f'{split_list} names {name}, which is not an image under {image_dir}'
+                     for name in wanted if name not in images]
+        images = {name: images[name] for name in wanted if name in images}
+        labels = {name: labels[name] for name in wanted if name in labels}
+    if not images and not problems:
         raise DatasetError(f'no PNG or JPEG images under {image_dir}: the split is empty')
     return ({name: path for name, path in images.items()},
             {name: (path, layout.id_table) for name, path in labels.items()},
             lambda name: label_dir / f'{name}.png',
             lambda name: f'{image_dir / name}.png or .jpg', problems)
+
+
+def read_names(path):
+    """The names a split list holds (VOC's ImageSets/Segmentation/SPLIT.txt, splits/SPLIT.txt):
+    one a line, an image's path below its folder with or without its suffix."""
+    names = [line.strip() for line in path.read_text(encoding='utf-8-sig').splitlines()]
+    return [name[:-len(Path(name).suffix)] if Path(name).suffix.lower() in IMAGE_SUFFIXES
+            else name for name in names if name and not name.startswith('#')]
+
+
+def voc_files(layout, split):
+    """PASCAL VOC 2012 as unpacked, and CVAT's "Segmentation mask 1.1" export, which has its
+    layout: ROOT/JPEGImages/NAME.jpg and ROOT/SegmentationClass/NAME.png (VOC: palette PNGs
+    whose index is the class, 255 the boundary band; CVAT: colour PNGs in labelmap.txt's
+    colours), the split's names in ROOT/ImageSets/Segmentation/SPLIT.txt. Where present, the
+    augmented set joins train as mmsegmentation's VOC-aug config has it: the names of
+    ImageSets/Segmentation/aug.txt with their labels in SegmentationClassAug/ (named aug/NAME).
+    Returns what pair_up takes."""
+    root, lists = layout.root, layout.root / 'ImageSets' / 'Segmentation'
+    listed = lists / f'{split}.txt'
+    if not listed.is_file():
+        subsets = sorted(p.stem for p in lists.glob('*.txt'))
+        raise DatasetError(f'{listed} is missing' + (
+            f': {root} has the subsets {", ".join(subsets)} only; list the {split} images\' '
+            f'names there, one a line (without .jpg), or export {split} as a subset of its own'
+            if subsets else ''))
+    parts = [(listed, root / 'SegmentationClass', '')]
+    if split == 'train' and (lists / 'aug.txt').is_file() \
+            and (root / 'SegmentationClassAug').is_dir():
+        parts.append((lists / 'aug.txt', root / 'SegmentationClassAug', 'aug/'))
+    images, labels, expected, problems = {}, {}, {}, []
+    for names_file, label_dir, prefix in parts:
+        for stem in read_names(names_file):
+            image = next((root / 'JPEGImages' / f'{stem}{suffix}' for suffix in IMAGE_SUFFIXES
+                          if (root / 'JPEGImages' / f'{stem}{suffix}').is_file()), None)
+            if image is None:
+                problems.append(f'{names_file} names {stem}, but {root / "JPEGImages"} has no '
+                                f'{stem}.jpg')
+                continue
+            images[prefix + stem] = image
+            expected[prefix + stem] = label_dir / f'{stem}.png'
+            if expected[prefix + stem].is_file():
+                labels[prefix + stem] = (expected[prefix + stem], layout.id_table)
+    if not images and not problems:
+        raise DatasetError(f'{listed} names no image: the split is empty')
+    return images, labels, expected.get, None, problems
 
 
 def pair_up(images, labels, expected_label, expected_image, problems):
@@ -816,19 +955,36 @@ class Layout:
 
     SPLIT_ALIASES = {'train': 'training', 'val': 'validation'}
 
+    # Where a download unpacks to, below the folder a user may name instead.
+    UNPACKED = ('VOCdevkit/VOC2012', 'VOC2012', 'ADEChallengeData2016')
+
     def __init__(self, root):
-        self.root = root = Path(root)
+        root = Path(root)
         if not root.is_dir():
             raise DatasetError(f'data path {root} does not exist')
+        self.root = root = next((root / inner for inner in self.UNPACKED
+                                 if (root / inner).is_dir()), root)
         self.cityscapes = (root / 'leftImg8bit').is_dir() or (root / 'gtFine').is_dir()
-        self.classes_file = None if self.cityscapes else root / 'classes.txt'
-        if self.classes_file and not self.classes_file.is_file():
+        self.voc = (root / 'JPEGImages').is_dir() or (root / 'SegmentationClass').is_dir()
+        ade20k = (root / 'images' / 'training').is_dir() \
+            and (root / 'annotations' / 'training').is_dir()
+        # What the labels mean: classes.txt, CVAT's labelmap.txt, or a set's own classes.
+        self.classes_file, meaning, self.name = None, None, None
+        for name, reader in (('labelmap.txt', read_labelmap), ('classes.txt', read_classes)):
+            if not self.cityscapes and (root / name).is_file():
+                self.classes_file, meaning = root / name, reader(root / name)
+                break
+        if meaning is None:
+            self.name, meaning = ('Cityscapes', CITYSCAPES) if self.cityscapes else \
+                ('PASCAL VOC', VOC) if self.voc else ('ADE20K', ADE20K) if ade20k else (None, None)
+        if meaning is None:
             if any((root / folder).is_dir() for folder in ('images', 'labels', 'annotations')):
-                raise DatasetError(f'{self.classes_file} is missing: write the class names there, '
-                                   f'one per line in train-id order (README: "Your own data set")')
-            raise DatasetError(f'{root} holds neither Cityscapes (leftImg8bit/, gtFine/) nor a '
-                               f'data set of your own (classes.txt, images/, labels/)')
-        meaning = read_classes(self.classes_file) if self.classes_file else CITYSCAPES
+                raise DatasetError(f'{root / "classes.txt"} is missing: write the class names '
+                                   f'there, one per line in train-id order (README: "Your own '
+                                   f'data set")')
+            raise DatasetError(f'{root} holds neither Cityscapes (leftImg8bit/, gtFine/), PASCAL '
+                               f'VOC (JPEGImages/, SegmentationClass/), ADE20K nor a data set of '
+                               f'your own (classes.txt, images/, labels/)')
         self.classes, self.palette = meaning.names, meaning.palette
         self.ignore_colours, self.id_table = meaning.ignore_colours, meaning.id_table
         self.reads_colours = meaning.all_coloured
@@ -843,7 +999,7 @@ class Layout:
     def find(self, split):
         """A split's samples (Sample), the names its outputs are written under, and the
         problems of pairing its images and labels up."""
-        files = cityscapes_files if self.cityscapes else own_files
+        files = cityscapes_files if self.cityscapes else voc_files if self.voc else own_files
         return pair_up(*files(self, split))
 
     def read_label(self, path, id_table=None, pixels=True):
@@ -880,7 +1036,8 @@ class Layout:
             # the value as the file holds it, before the id table (reduce_zero_label's shift)
             stored = next(v for v in range(256) if (id_table[v] if id_table else v) == bad[0])
             hint = (f'; if {stored} marks pixels to ignore, add the line "ignore: void {stored}" '
-                    f'to {self.classes_file}' if self.classes_file else '')
+                    f'to {self.classes_file}' if self.classes_file
+                    and self.classes_file.name == 'classes.txt' else '')
             raise DatasetError(f'{path} holds the value {stored}' + (f' (and {len(bad) - 1} '
                                f'other values)' if len(bad) > 1 else '') + f' in {share:.2%} of '
                                f'its pixels, but {self.what_values()}{hint}',
@@ -889,7 +1046,7 @@ class Layout:
         return label, counts
 
     def what_values(self):
-        source = f'{self.classes_file} lists' if self.classes_file else 'Cityscapes has'
+        source = f'{self.classes_file} lists' if self.classes_file else f'{self.name} has'
         return (f'{source} {len(self.classes)} classes: labels hold 0-{len(self.classes) - 1}, '
                 f'or 255 for pixels to ignore')
 
@@ -1918,7 +2075,7 @@ def check_data(root, splits=('train', 'val'), processes=None):
     every problem; returns the number of problems."""
     layout = Layout(root)
     processes = processes or all_cores()
-    source = f'from {layout.classes_file}' if layout.classes_file else '(the Cityscapes layout)'
+    source = f'from {layout.classes_file}' if layout.classes_file else f'({layout.name}\'s)'
     print(f'{root}: {len(layout.classes)} classes {source}')
     total, start, looked = 0, time.perf_counter(), 0
     for split in splits:

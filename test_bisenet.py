@@ -855,6 +855,115 @@ def test_ignore_values_in_classes_txt_and_the_line_a_stray_value_asks_for(tmp_pa
             bisenet.read_classes(tmp_path / 'classes.txt')
 
 
+def make_voc(root, names, subsets=('train', 'val'), cvat=False, aug=()):
+    """VOCdevkit/VOC2012 as unpacked (palette PNGs, 255 the boundary band), or with cvat a
+    CVAT "Segmentation mask 1.1" export of it (colour PNGs, labelmap.txt); aug: the names of
+    an augmented set (SegmentationClassAug/, aug.txt)."""
+    voc = root / 'VOCdevkit' / 'VOC2012'
+    for folder in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'):
+        (voc / folder).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(names))
+    label = np.zeros((40, 60), np.uint8)
+    label[:, 20:40], label[:, 40:] = 1, 15                      # background, aeroplane, person
+    label[:, 19:21] = 255
+    colours = bisenet.lookup_table(bisenet.VOC_PALETTE)
+    for i, name in enumerate(list(names) + [f'aug{n}' for n in range(len(aug))]):
+        image = rng.integers(0, 255, (40, 60, 3), np.uint8)
+        image[label == 1] = (200, 30, 30)
+        Image.fromarray(image).save(voc / 'JPEGImages' / f'{name}.jpg', quality=95)
+        if name.startswith('aug'):
+            (voc / 'SegmentationClassAug').mkdir(exist_ok=True)
+            Image.fromarray(label).save(voc / 'SegmentationClassAug' / f'{name}.png')
+        elif cvat:
+            Image.fromarray(colours[np.where(label == 255, 0, label)]).save(
+                voc / 'SegmentationClass' / f'{name}.png')
+        else:
+            written = Image.fromarray(label)
+            written.putpalette([v for c in bisenet.VOC_PALETTE for v in c])
+            written.save(voc / 'SegmentationClass' / f'{name}.png')
+    for subset, count in zip(subsets, (len(names) - 2, 2)) if len(subsets) == 2 else \
+            [(subsets[0], len(names))]:
+        chosen = names[:count] if subset != 'val' else names[-count:]
+        (voc / 'ImageSets' / 'Segmentation' / f'{subset}.txt').write_text(
+            ''.join(f'{n}\n' for n in chosen))
+    if aug:
+        (voc / 'ImageSets' / 'Segmentation' / 'aug.txt').write_text(
+            ''.join(f'aug{n}\n' for n in range(len(aug))))
+    if cvat:
+        (voc / 'labelmap.txt').write_text('# label:color_rgb:parts:actions\n' + ''.join(
+            f'{name}:{r},{g},{b}::\n' for name, (r, g, b) in
+            zip(bisenet.VOC_CLASSES, bisenet.VOC_PALETTE)))
+    return voc
+
+
+def test_pascal_voc_and_its_augmented_set_train_and_evaluate_as_unpacked(tmp_path):
+    names = [f'2007_{i:06d}' for i in range(6)]
+    make_voc(tmp_path, names, aug=range(3))
+    for root in (tmp_path, tmp_path / 'VOCdevkit', tmp_path / 'VOCdevkit' / 'VOC2012'):
+        train_set = bisenet.SegmentationDataset(root, 'train')
+        assert train_set.classes == bisenet.VOC_CLASSES and len(train_set) == 4 + 3
+    assert train_set.names[:4] == names[:4] and train_set.names[4] == 'aug/aug0'
+    val = bisenet.SegmentationDataset(tmp_path, 'val')
+    assert val.names == names[-2:]
+    image, label = val[0]
+    assert image.shape == (40, 60, 3) and sorted(np.unique(label)) == [0, 1, 15, 255]
+    work = tmp_path / 'work'
+    train_here('--data-path', tmp_path, '--device', 'cpu', '--crop-size', 32, '--batch-size', 2,
+               '--iters', 2, '--val-interval', 2, '--workers', 0, '--work-dir', work)
+    result = run_here(evaluation, '--ckpt', work / 'best.pth', '--data-path', tmp_path,
+                      '--device', 'cpu', '--workers', 0, check=True)
+    assert 'aeroplane' in result.stdout and 'pottedplant' in result.stdout
+
+
+def test_a_cvat_segmentation_mask_export_trains_with_its_labelmap(tmp_path):
+    names = [f'frame_{i:06d}' for i in range(5)]
+    voc = make_voc(tmp_path, names, subsets=('default',), cvat=True)
+    with pytest.raises(bisenet.DatasetError, match='has the subsets default only; list the '
+                                                   'train images. names there'):
+        bisenet.SegmentationDataset(tmp_path, 'train')
+    lists = voc / 'ImageSets' / 'Segmentation'
+    (lists / 'train.txt').write_text(''.join(f'{n}\n' for n in names[:3]))
+    (lists / 'val.txt').write_text(''.join(f'{n}.jpg\n' for n in names[3:]))
+    train_set = bisenet.SegmentationDataset(tmp_path, 'train')
+    assert train_set.layout.classes_file == voc / 'labelmap.txt' and len(train_set) == 3
+    assert train_set.classes == bisenet.VOC_CLASSES and train_set.palette == bisenet.VOC_PALETTE
+    assert sorted(np.unique(train_set[0][1])) == [0, 1, 15]        # colours read as ids
+    work = tmp_path / 'work'
+    result = train_here('--data-path', tmp_path, '--device', 'cpu', '--crop-size', 32,
+                        '--batch-size', 2, '--iters', 2, '--val-interval', 2, '--workers', 0,
+                        '--work-dir', work)
+    assert 'aeroplane' in result.stdout
+
+
+def test_ade20k_as_unpacked_needs_no_classes_txt(tmp_path):
+    ade = tmp_path / 'ADEChallengeData2016'
+    label = np.array([[0, 1, 2, 150]] * 30, np.uint8).repeat(10, 1)
+    for split, stem in (('training', 'ADE_train_00000001'), ('validation', 'ADE_val_00000001')):
+        for kind in ('images', 'annotations'):
+            (ade / kind / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(ade / 'images' / split /
+                                                              f'{stem}.jpg')
+        Image.fromarray(label).save(ade / 'annotations' / split / f'{stem}.png')
+    dataset = bisenet.SegmentationDataset(tmp_path, 'val')
+    assert len(dataset.classes) == 150 and dataset.classes[:3] == ('wall', 'building', 'sky')
+    assert dataset[0][1][0].tolist() == [255] * 10 + [0] * 10 + [1] * 10 + [149] * 10
+    assert bisenet.check_data(tmp_path, processes=1) == 0
+
+
+def test_split_lists_choose_samples_from_one_shared_folder(tmp_path):
+    (tmp_path / 'classes.txt').write_text('a\nb\n')
+    for i in range(5):
+        write_own(tmp_path, f'x{i}', label=np.eye(30, 40, dtype=np.uint8), split='')
+    (tmp_path / 'splits').mkdir()
+    (tmp_path / 'splits' / 'train.txt').write_text('x0\nx1.png\nx2\n')
+    (tmp_path / 'splits' / 'val.txt').write_text('x3\nx4\n')
+    assert bisenet.SegmentationDataset(tmp_path, 'train').names == ['x0', 'x1', 'x2']
+    assert bisenet.SegmentationDataset(tmp_path, 'val').names == ['x3', 'x4']
+    (tmp_path / 'splits' / 'val.txt').write_text('x3\nmissing\n')
+    [problem] = problems_of(tmp_path, 'val')
+    assert 'val.txt names missing, which is not an image under' in problem
+
+
 def test_binary_masks_saved_as_0_and_255_are_named(tmp_path):
     (tmp_path / 'classes.txt').write_text('background\nobject\n')
     mask = np.zeros((30, 40), np.uint8)
