@@ -815,6 +815,21 @@ Sample.__doc__ = """One image file and its label file; id_table (256 entries, fo
 label's values into train ids, or is None where they are train ids already."""
 
 
+def files_below(folder, suffix=''):
+    """Every file below `folder` whose name ends in `suffix`, sorted, symlinked folders
+    followed (data sets are often laid out by links; Path.rglob does not follow them), each
+    real folder once."""
+    found, seen = [], set()
+    for top, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        found += [Path(top) / name for name in names if name.endswith(suffix)]
+    return sorted(found)
+
+
 def cityscapes_files(layout, split):
     """Cityscapes: ROOT/leftImg8bit/SPLIT/[CITY/]NAME_leftImg8bit.png beside
     ROOT/gtFine/SPLIT/[CITY/]NAME_gtFine_labelIds.png (raw ids, mapped to train ids as they
@@ -827,7 +842,7 @@ def cityscapes_files(layout, split):
             raise DatasetError(f'{folder} is missing: expected the Cityscapes layout '
                                f'leftImg8bit/{split}/ and gtFine/{split}/ under {layout.root}')
     images, labels = {}, {}
-    for image in sorted(image_dir.rglob('*_leftImg8bit.png')):
+    for image in files_below(image_dir, '_leftImg8bit.png'):
         name = image.relative_to(image_dir).as_posix()[:-len('_leftImg8bit.png')]
         images[name] = image
         for suffix, id_table in (('labelIds', TRAIN_IDS_LIST), ('labelTrainIds', None)):
@@ -856,7 +871,7 @@ def own_files(layout, split):
                                f'with splits/{split}.txt')
     images, labels, problems = {}, {}, []
     for folder, found in ((image_dir, images), (label_dir, labels)):
-        for path in sorted(folder.rglob('*')):
+        for path in files_below(folder):
             if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
                 name = path.relative_to(folder).with_suffix('').as_posix()
                 if name in found:
@@ -1083,12 +1098,15 @@ class Layout:
                     unlisted.append((number, colour))
         if unlisted:
             number, colour = max(unlisted)
-            raise DatasetError(f'{path} holds the colour {colour}, which classes.txt does not '
+            r, g, b = colour
+            listing, advice = (('labelmap.txt', f'add it there as "NAME:{r},{g},{b}::"')
+                               if self.classes_file and self.classes_file.name == 'labelmap.txt'
+                               else ('classes.txt', f'add it as a class or as "ignore: NAME {r} '
+                                                    f'{g} {b}"'))
+            raise DatasetError(f'{path} holds the colour {colour}, which {listing} does not '
                                f'list, in {number / (rgb.width * rgb.height):.2%} of its pixels'
                                + (f' ({len(unlisted) - 1} more unlisted colours)'
-                                  if len(unlisted) > 1 else '')
-                               + f'; add it as a class or as "ignore: NAME {colour[0]} '
-                                 f'{colour[1]} {colour[2]}"',
+                                  if len(unlisted) > 1 else '') + f'; {advice}',
                                ('colour', colour),
                                (sum(n for n, _ in unlisted), rgb.width * rgb.height), counts)
         return ids, counts
@@ -2061,12 +2079,14 @@ def group_line(kind, group, layout):
         f' and {len(labels) - 3} more' if len(labels) > 3 else '')
     found = (f'the {what} {value} in {len(labels)} labels ({group["bad"] / group["pixels"]:.2%} '
              f'of their pixels: {names})')
+    listing = layout.classes_file or layout.root / 'classes.txt'
     if what == 'value':
         return (f'{found}: if {value} marks pixels to ignore, add the line "ignore: void {value}" '
-                f'to {layout.classes_file}; else fix those labels, or list the classes they '
-                f'hold in {layout.classes_file}')
-    return (f'{found}: add it to {layout.classes_file} as a class, or as "ignore: NAME '
-            f'{value[0]} {value[1]} {value[2]}"')
+                f'to {listing}; else fix those labels, or list the classes they hold there')
+    if listing.name == 'labelmap.txt':
+        return f'{found}: add it to {listing} as "NAME:{value[0]},{value[1]},{value[2]}::"'
+    return (f'{found}: add it to {listing} as a class, or as "ignore: NAME {value[0]} '
+            f'{value[1]} {value[2]}"')
 
 
 def check_data(root, splits=('train', 'val'), processes=None):

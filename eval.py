@@ -375,7 +375,8 @@ def find_images(patterns):
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            matches = [p for p in path.rglob('*') if p.suffix.lower() in bisenet.IMAGE_SUFFIXES]
+            matches = [p for p in bisenet.files_below(path)
+                       if p.suffix.lower() in bisenet.IMAGE_SUFFIXES]
         elif path.is_file():
             matches = [path]                        # named explicitly: tried whatever it is
         else:

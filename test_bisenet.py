@@ -959,6 +959,13 @@ def test_split_lists_choose_samples_from_one_shared_folder(tmp_path):
     (tmp_path / 'splits' / 'val.txt').write_text('x3\nx4\n')
     assert bisenet.SegmentationDataset(tmp_path, 'train').names == ['x0', 'x1', 'x2']
     assert bisenet.SegmentationDataset(tmp_path, 'val').names == ['x3', 'x4']
+    # a folder linked in, as data sets are often laid out, is followed
+    (tmp_path / 'elsewhere').mkdir()
+    write_own(tmp_path / 'elsewhere', 'x5', label=np.eye(30, 40, dtype=np.uint8), split='')
+    (tmp_path / 'images' / 'more').symlink_to(tmp_path / 'elsewhere' / 'images')
+    (tmp_path / 'labels' / 'more').symlink_to(tmp_path / 'elsewhere' / 'labels')
+    (tmp_path / 'splits' / 'val.txt').write_text('x3\nmore/x5\n')
+    assert bisenet.SegmentationDataset(tmp_path, 'val').names == ['x3', 'more/x5']
     (tmp_path / 'splits' / 'val.txt').write_text('x3\nmissing\n')
     [problem] = problems_of(tmp_path, 'val')
     assert 'val.txt names missing, which is not an image under' in problem
