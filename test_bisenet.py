@@ -903,6 +903,9 @@ def test_pascal_voc_and_its_augmented_set_train_and_evaluate_as_unpacked(tmp_pat
         train_set = bisenet.SegmentationDataset(root, 'train')
         assert train_set.classes == bisenet.VOC_CLASSES and len(train_set) == 4 + 3
     assert train_set.names[:4] == names[:4] and train_set.names[4] == 'aug/aug0'
+    cached = bisenet.SegmentationDataset(tmp_path, 'train', cache_dir=tmp_path / 'cache')
+    assert all(np.array_equal(cached[i][1], train_set[i][1]) for i in range(len(cached)))
+    assert (tmp_path / 'cache' / 'train' / 'aug' / 'aug0.rgbl').is_file()
     val = bisenet.SegmentationDataset(tmp_path, 'val')
     assert val.names == names[-2:]
     image, label = val[0]
@@ -948,6 +951,12 @@ def test_ade20k_as_unpacked_needs_no_classes_txt(tmp_path):
     assert len(dataset.classes) == 150 and dataset.classes[:3] == ('wall', 'building', 'sky')
     assert dataset[0][1][0].tolist() == [255] * 10 + [0] * 10 + [1] * 10 + [149] * 10
     assert bisenet.check_data(tmp_path, processes=1) == 0
+    work = tmp_path / 'work'
+    train_here('--data-path', tmp_path, '--device', 'cpu', '--crop-size', 32, '--batch-size', 2,
+               '--iters', 1, '--workers', 0, '--work-dir', work)
+    result = run_here(evaluation, '--ckpt', work / 'latest.pth', '--data-path', tmp_path,
+                      '--device', 'cpu', '--workers', 0, check=True)
+    assert '150 classes' in result.stdout and 'windowpane' in result.stdout
 
 
 def test_split_lists_choose_samples_from_one_shared_folder(tmp_path):
@@ -1836,6 +1845,7 @@ def test_train_bad_input(data, tmp_path):
         (['--data-path', data, '--resume-from', tmp_path / 'gone.pth'], 'gone.pth does not exist'),
         (['--data-path', data, '--load-from', tmp_path / 'latest.pth'], 'not a PyTorch checkpoint'),
         (['--data-path', data, '--batch-size', 0], '--batch-size must be positive'),
+        (['--data-path', data, '--batch-size', 1], 'give 2 or more images per device'),
         (['--data-path', data, '--iters', -1], '--iters must be positive'),
         (['--data-path', data, '--crop-size', 0, 64], '--crop-size takes one positive size or H W'),
         (['--data-path', data, '--device', 'npu'], 'torch_npu'),

@@ -130,6 +130,10 @@ def check_args(args):
         if getattr(args, name) <= 0:
             raise bisenet.SetupError(f'--{name.replace("_", "-")} must be positive, '
                                      f'not {getattr(args, name)}')
+    if args.batch_size == 1:
+        raise bisenet.SetupError('--batch-size 1 cannot train BiSeNetV1: the BatchNorms of its '
+                                 'attention (ARM, FFM, global context) would see one value per '
+                                 'channel; give 2 or more images per device')
     args.crop_size = bisenet.parse_crop_size(args.crop_size)
     if args.warmup_iters < 0 or args.workers < 0:
         raise bisenet.SetupError('--warmup-iters and --workers cannot be negative')
