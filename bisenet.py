@@ -2095,7 +2095,8 @@ def check_data(root, splits=('train', 'val'), processes=None):
     every problem; returns the number of problems."""
     layout = Layout(root)
     processes = processes or all_cores()
-    source = f'from {layout.classes_file}' if layout.classes_file else f'({layout.name}\'s)'
+    source = (f'from {layout.classes_file}' if layout.classes_file
+              else f'(the {layout.name} layout)')
     print(f'{root}: {len(layout.classes)} classes {source}')
     total, start, looked = 0, time.perf_counter(), 0
     for split in splits:
