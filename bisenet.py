@@ -629,10 +629,12 @@ def cityscapes_label_ids(classes):
     return LABEL_IDS if tuple(classes) == CLASSES else None
 
 
-ClassList = collections.namedtuple('ClassList', 'names palette ignore_colours all_coloured id_table')
-ClassList.__doc__ = """What a data set's labels mean: the class names in train-id order, their colours, the
-colours of ignored pixels, whether every class has a colour of its own (what reading colour
-labels needs), and the id table of its index labels (None: the values are the train ids)."""
+ClassList = collections.namedtuple('ClassList',
+                                   'names palette ignore_colours all_coloured id_table')
+ClassList.__doc__ = """What a data set's labels mean: the class names in train-id order, their
+colours, the colours of ignored pixels, whether every class has a colour of its own (what
+reading colour labels needs), and the id table of its index labels (None: the values are the
+train ids)."""
 CITYSCAPES = ClassList(CLASSES, PALETTE, (), True, None)
 # Index labels that count from 1, 0 ignored (ADE20K; mmsegmentation's reduce_zero_label).
 REDUCE_ZERO_LABEL = [IGNORE_INDEX] + list(range(254)) + [IGNORE_INDEX]
@@ -811,8 +813,8 @@ def index_image(label, path):
 
 
 Sample = collections.namedtuple('Sample', 'image label id_table')
-Sample.__doc__ = """One image file and its label file; id_table (256 entries, for Image.point) turns the
-label's values into train ids, or is None where they are train ids already."""
+Sample.__doc__ = """One image file and its label file; id_table (256 entries, for Image.point)
+turns the label's values into train ids, or is None where they are train ids already."""
 
 
 def files_below(folder, suffix=''):
@@ -1967,7 +1969,8 @@ class Runtime:
         allocation ('memory_gb'), on CPU, where the tensors live in the process, its peak
         resident set size ('peak_rss_gb'; Linux counts it in KiB, macOS in bytes)."""
         if self.type != 'cpu':
-            return 'memory_gb', getattr(torch, self.type).max_memory_allocated(self.device) / 2 ** 30
+            peak = getattr(torch, self.type).max_memory_allocated(self.device)
+            return 'memory_gb', peak / 2 ** 30
         if resource is None:                        # Windows
             return 'peak_rss_gb', float('nan')
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -557,7 +557,8 @@ def benchmark(model, runtime, compile_model=False, size=(1024, 2048), warmup=2, 
     def label_map(model, x):
         with runtime.autocast():
             return predict(model, x, model.num_classes).argmax(1)
-    runs = {'plain model': lambda: label_map(model, x), 'fast path': lambda: label_map(fast, fast_x)}
+    runs = {'plain model': lambda: label_map(model, x),
+            'fast path': lambda: label_map(fast, fast_x)}
     for _ in range(warmup):      # also compiles, with compile_model: the fast path first, so
         for run in list(runs.values())[::-1]:   # that a compiler that fails does so at once
             run()
