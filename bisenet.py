@@ -817,6 +817,14 @@ Sample.__doc__ = """One image file and its label file; id_table (256 entries, fo
 turns the label's values into train ids, or is None where they are train ids already."""
 
 
+def read_names(path):
+    """The names a split list holds (VOC's ImageSets/Segmentation/SPLIT.txt, splits/SPLIT.txt):
+    one a line, an image's path below its folder with or without its suffix."""
+    names = [line.strip() for line in path.read_text(encoding='utf-8-sig').splitlines()]
+    return [name[:-len(Path(name).suffix)] if Path(name).suffix.lower() in IMAGE_SUFFIXES
+            else name for name in names if name and not name.startswith('#')]
+
+
 def files_below(folder, suffix=''):
     """Every file below `folder` whose name ends in `suffix`, sorted, symlinked folders
     followed (data sets are often laid out by links; Path.rglob does not follow them), each
@@ -862,7 +870,8 @@ def own_files(layout, split):
     the same relative path and stem; ADE20K's names too (annotations/ for labels/, training/
     and validation/ for train/ and val/). Returns what pair_up takes."""
     split_list = layout.root / 'splits' / f'{split}.txt'        # one folder, listed splits
-    if split_list.is_file():
+    listed = split_list.is_file()
+    if listed:
         image_dir, label_dir = layout.root / 'images', layout.folder('labels', '')
     else:
         image_dir, label_dir = layout.folder('images', split), layout.folder('labels', split)
@@ -880,7 +889,7 @@ def own_files(layout, split):
                     problems.append(f'{found[name]} and {path} share the name {name}: '
                                     f'rename one of them')
                 found[name] = path
-    if split_list.is_file():
+    if listed:
         wanted = read_names(split_list)
         problems += [f'{split_list} names {name}, which is not an image under {image_dir}'
                      for name in wanted if name not in images]
@@ -888,18 +897,9 @@ def own_files(layout, split):
         labels = {name: labels[name] for name in wanted if name in labels}
     if not images and not problems:
         raise DatasetError(f'no PNG or JPEG images under {image_dir}: the split is empty')
-    return ({name: path for name, path in images.items()},
-            {name: (path, layout.id_table) for name, path in labels.items()},
+    return (images, {name: (path, layout.id_table) for name, path in labels.items()},
             lambda name: label_dir / f'{name}.png',
             lambda name: f'{image_dir / name}.png or .jpg', problems)
-
-
-def read_names(path):
-    """The names a split list holds (VOC's ImageSets/Segmentation/SPLIT.txt, splits/SPLIT.txt):
-    one a line, an image's path below its folder with or without its suffix."""
-    names = [line.strip() for line in path.read_text(encoding='utf-8-sig').splitlines()]
-    return [name[:-len(Path(name).suffix)] if Path(name).suffix.lower() in IMAGE_SUFFIXES
-            else name for name in names if name and not name.startswith('#')]
 
 
 def voc_files(layout, split):
@@ -925,7 +925,7 @@ def voc_files(layout, split):
     images, labels, expected, problems = {}, {}, {}, []
     for names_file, label_dir, prefix in parts:
         for stem in read_names(names_file):
-            image = next((root / 'JPEGImages' / f'{stem}{suffix}' for suffix in IMAGE_SUFFIXES
+            image = next((root / 'JPEGImages' / f'{stem}{suffix}' for suffix in ('.jpg', '.png')
                           if (root / 'JPEGImages' / f'{stem}{suffix}').is_file()), None)
             if image is None:
                 problems.append(f'{names_file} names {stem}, but {root / "JPEGImages"} has no '
