@@ -1,5 +1,5 @@
 """Evaluate a BiSeNetV1 checkpoint on Cityscapes or a data set of your own with the reference's
-metric, segment your own images with it, or export it to ONNX.
+metric, segment your own images and videos with it, or export it to ONNX.
 
 Works with this project's checkpoints and mmsegmentation's published ones; the backbone, the
 class count and the class names and colours are read from the checkpoint (Cityscapes' where a
@@ -10,6 +10,7 @@ class count and the class names and colours are read from the checkpoint (Citysc
     python eval.py --ckpt CKPT --data-path ROOT --out-dir results --show-dir vis --json m.json
     torchrun --nproc_per_node=8 eval.py --ckpt CKPT --data-path ROOT             # 8 devices
     python eval.py --ckpt CKPT --images photos/ street.jpg 'more/*.png'          # your images
+    python eval.py --ckpt CKPT --video drive.mp4 clips/                          # videos (PyAV)
     python eval.py --ckpt CKPT --export-onnx bisenet.onnx                        # deployment
     python eval.py --benchmark [--device cuda --amp]       # inference FPS at 1024 x 2048
     python eval.py --benchmark --device cpu --amp --amp-dtype bf16               # CPU bf16
@@ -18,17 +19,23 @@ class count and the class names and colours are read from the checkpoint (Citysc
 the format cityscapesscripts' evaluation and the benchmark server accept; for other classes a
 palette PNG of train ids in the classes' colours (NAME.png). --show-dir writes pictures: the
 image, the prediction and the ground truth side by side, captioned (own images: the prediction
-over the image), with a legend of the classes present. train.py validates with evaluate() below.
+over the image), with a legend of the classes present; for videos an overlay video NAME.mp4,
+and the label maps as NAME/FRAME.png. train.py validates with evaluate() below.
 """
 import argparse
+import collections
+import concurrent.futures
 import copy
+import fractions
 import glob
 import inspect
 import json
 import os
+import queue
 import shutil
 import statistics
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -52,6 +59,12 @@ def get_args_parser():
                              '(classes.txt, images/, labels/)')
     parser.add_argument('--images', nargs='+', metavar='PATH', help='segment these PNG/JPEG '
                         'files, folders (recursively) or globs instead; no labels needed')
+    parser.add_argument('--video', nargs='+', metavar='PATH', help='segment these video files '
+                        '(mp4, mkv, mov, avi, webm, ...; folders and globs too) frame by frame; '
+                        'needs PyAV (pip install av)')
+    parser.add_argument('--scale', type=int, nargs=2, metavar=('W', 'H'), help='with --images or '
+                        '--video: rescale to fit W x H, keeping the aspect ratio (default the '
+                        'reference\'s 2048 1024; smaller is faster)')
     parser.add_argument('--export-onnx', metavar='FILE', help='write the inference fast path as '
                         'ONNX (uint8 RGB in, label map out) and check it with onnxruntime')
     parser.add_argument('--onnx-logits', action='store_true',
@@ -203,19 +216,23 @@ def prepare_for_inference(model, runtime, compile_model=False):
 
 
 class Progress:
-    """'[what] done/total images, s elapsed, ETA s' every 10 s and at the end of a shard."""
+    """'[what] done/total images, N images/s, s elapsed, ETA s' every 10 s and at the end of a
+    shard (runtime: the processes that share the items; None: this one alone)."""
 
-    def __init__(self, what, total, runtime, log):
-        self.what, self.total, self.world_size, self.log = what, total, runtime.world_size, log
+    def __init__(self, what, total, runtime, log, unit='images'):
+        self.what, self.total, self.log, self.unit = what, total, log, unit
+        self.world_size = runtime.world_size if runtime else 1
         self.start, self.last = time.time(), 0.0
 
     def step(self, step, steps):
-        """After step `step` (0-based) of this process's `steps`."""
+        """After step `step` (0-based) of this process's `steps` (0: not known)."""
         if time.time() - self.last > 10 or step + 1 == steps:
             elapsed = time.time() - self.start
-            done = min((step + 1) * self.world_size, self.total)
-            self.log(f'{self.what} {done}/{self.total} images, {elapsed:.0f} s elapsed, '
-                     f'ETA {elapsed / (step + 1) * (steps - step - 1):.0f} s')
+            done = min((step + 1) * self.world_size, self.total or float('inf'))
+            eta = f'{elapsed / (step + 1) * max(steps - step - 1, 0):.0f} s' if steps else '?'
+            self.log(f'{self.what} {done}/{self.total or "?"} {self.unit}, '
+                     f'{done / max(elapsed, 1e-9):.2f} {self.unit}/s, {elapsed:.0f} s elapsed, '
+                     f'ETA {eta}')
             self.last = time.time()
 
 
@@ -224,47 +241,78 @@ def colourize(train_ids, palette):
     return bisenet.lookup_table(palette)[train_ids]
 
 
-def picture(panels, captions, train_ids, classes, palette):
-    """Panels (uint8 (H, W, 3)) side by side, a caption above each, and below them a legend:
-    the classes `train_ids` (255: ignored) as swatches of their colours with their names, in
-    Pillow's own font, sized to the panels."""
-    height, width = panels[0].shape[0], sum(p.shape[1] for p in panels)
-    size = max(11, height // 40)
+def legend_font(size):
+    """Pillow's own font at `size` pixels (Pillow >= 10.1 scales it; older ones have one size)."""
     try:
-        font = ImageFont.load_default(size=size)         # Pillow >= 10.1 scales its font
+        return ImageFont.load_default(size=size)
     except (TypeError, OSError, ImportError):
-        font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new('RGB', (1, 1)))
-    pad, line = size // 2, size + size // 2
+        return ImageFont.load_default()
 
-    def text_width(text):
-        return measure.textbbox((0, 0), text, font=font)[2]
+
+def text_width(text, font):
+    return ImageDraw.Draw(Image.new('RGB', (1, 1))).textbbox((0, 0), text, font=font)[2]
+
+
+def legend(train_ids, classes, palette, width, size):
+    """The classes `train_ids` (255: ignored) as swatches of their colours with their names, in
+    rows wrapped to `width` (wider where one name needs it), in a font of `size` pixels: a white
+    PIL image, what pictures show below the panels and videos over the frame's bottom."""
+    font, pad, line = legend_font(size), size // 2, size + size // 2
     entries = [(tuple(palette[i]) if i < len(palette) else (0, 0, 0),
                 classes[i] if i < len(classes) else 'ignored' if i == 255 else str(i))
                for i in train_ids]
-    widths = [size + pad + text_width(name) + 2 * pad for _, name in entries]
-    last_caption = width - panels[-1].shape[1] + text_width(captions[-1]) + 2 * pad
-    width = max([width, last_caption] + [w + pad for w in widths])
+    widths = [size + pad + text_width(name, font) + 2 * pad for _, name in entries]
+    width = max([width] + [w + pad for w in widths])
     rows, x = 1 if entries else 0, pad
-    for w in widths:                                  # wrapped to the picture's width
+    for w in widths:
         if x + w > width and x > pad:
             rows, x = rows + 1, pad
         x += w
-    canvas = Image.new('RGB', (width, line + height + rows * line + pad), 'white')
-    draw = ImageDraw.Draw(canvas)
-    x = 0
-    for panel, caption in zip(panels, captions):
-        canvas.paste(Image.fromarray(panel), (x, line))
-        draw.text((x + pad, pad // 2), caption, fill='black', font=font)
-        x += panel.shape[1]
-    x, y = pad, line + height + pad // 2
+    key = Image.new('RGB', (width, rows * line + pad), 'white')
+    draw = ImageDraw.Draw(key)
+    x, y = pad, pad // 2
     for (colour, name), w in zip(entries, widths):
         if x + w > width and x > pad:
             x, y = pad, y + line
         draw.rectangle([x, y, x + size, y + size], fill=colour, outline='black')
         draw.text((x + size + pad, y), name, fill='black', font=font)
         x += w
+    return key
+
+
+def picture(panels, captions, train_ids, classes, palette):
+    """Panels (uint8 (H, W, 3)) side by side, a caption above each, and below them the legend
+    of the classes `train_ids`, sized to the panels."""
+    height, width = panels[0].shape[0], sum(p.shape[1] for p in panels)
+    size = max(11, height // 40)
+    font, pad, line = legend_font(size), size // 2, size + size // 2
+    last_caption = width - panels[-1].shape[1] + text_width(captions[-1], font) + 2 * pad
+    key = legend(train_ids, classes, palette, max(width, last_caption), size)
+    canvas = Image.new('RGB', (key.width, line + height + key.height), 'white')
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for panel, caption in zip(panels, captions):
+        canvas.paste(Image.fromarray(panel), (x, line))
+        draw.text((x + pad, pad // 2), caption, fill='black', font=font)
+        x += panel.shape[1]
+    canvas.paste(key, (0, line + height))
     return canvas
+
+
+def blend(rgb, train_ids, palette):
+    """The classes' colours over an image (uint8 (H, W, 3)) at half strength."""
+    return ((rgb.astype(np.uint16) + colourize(train_ids, palette)) >> 1).astype(np.uint8)
+
+
+def overlay(pred, image, classes, palette):
+    """A video frame: the prediction over the image (uint8 (3, H, W)), and over its bottom the
+    legend of the classes present, where that takes at most a third of the frame."""
+    frame = Image.fromarray(blend(image.permute(1, 2, 0).numpy(), pred, palette))
+    present = np.flatnonzero(np.bincount(pred.ravel(), minlength=256))
+    key = legend(present, classes, palette, frame.width, max(11, frame.height // 40))
+    if key.height <= frame.height // 3:
+        frame.paste(key.crop((0, 0, frame.width, key.height)), (0, frame.height - key.height))
+    return frame
 
 
 def prediction_picture(pred, image, classes, palette, label=None):
@@ -273,7 +321,7 @@ def prediction_picture(pred, image, classes, palette, label=None):
     rgb = image.permute(1, 2, 0).cpu().numpy()
     present = np.bincount(pred.ravel(), minlength=256)
     if label is None:
-        panels = [(0.5 * rgb + 0.5 * colourize(pred, palette)).astype(np.uint8)]
+        panels = [blend(rgb, pred, palette)]
         captions = ['prediction']
     else:
         panels = [rgb, colourize(pred, palette), colourize(label, palette)]
@@ -369,45 +417,54 @@ def fit_size(width, height, scale=TEST_SCALE):
     return int(width * factor + 0.5), int(height * factor + 0.5)
 
 
-def find_images(patterns):
-    """Files, folders (searched recursively for PNG and JPEG) and globs -> sorted unique paths."""
+def find_images(patterns, flag='--images', suffixes=bisenet.IMAGE_SUFFIXES, kind='PNG or JPEG'):
+    """Files, folders (searched recursively for files with `suffixes`) and globs -> sorted
+    unique paths; also what --video finds its videos with."""
     found = set()
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            matches = [p for p in bisenet.files_below(path)
-                       if p.suffix.lower() in bisenet.IMAGE_SUFFIXES]
+            matches = [p for p in bisenet.files_below(path) if p.suffix.lower() in suffixes]
         elif path.is_file():
             matches = [path]                        # named explicitly: tried whatever it is
         else:
             matches = [Path(p) for p in glob.glob(pattern, recursive=True)
-                       if Path(p).suffix.lower() in bisenet.IMAGE_SUFFIXES]
+                       if Path(p).suffix.lower() in suffixes]
         matches = [p.resolve() for p in matches if p.is_file()]
         if not matches:
-            raise bisenet.SetupError(f'--images {pattern}: no PNG or JPEG file there')
+            raise bisenet.SetupError(f'{flag} {pattern}: no {kind} file there')
         found.update(matches)
     return sorted(found)
 
 
-def output_names(paths):
+def output_names(paths, suffix='.png'):
     """A collision-free relative output name for each input: its path below the inputs' common
-    folder, with '.png' for the PNG it becomes (photo.jpg -> photo.jpg.png, a.png -> a.png)."""
+    folder, with `suffix` for the file it becomes (photo.jpg -> photo.jpg.png, a.png -> a.png;
+    for videos clip.mp4 -> clip.mp4, clip.mkv -> clip.mkv.mp4)."""
     root = Path(os.path.commonpath([p.parent for p in paths]))
     names = []
     for path in paths:
         name = path.relative_to(root).as_posix()
-        names.append(name if path.suffix.lower() == '.png' else name + '.png')
+        names.append(name if path.suffix.lower() == suffix else name + suffix)
     return names
+
+
+def rescaled(image, scale=TEST_SCALE):
+    """An RGB PIL image as the reference's test pipeline feeds it to the model: (image uint8
+    (3, H, W), the image rescaled to fit `scale` keeping its aspect ratio with cv2's bilinear,
+    uint8 (3, h, w))."""
+    size = fit_size(*image.size, scale)
+    small = bisenet.rescale_crop(image, image.size, size, (0, 0) + size, Image.BILINEAR)
+    return bisenet.pixels(image).permute(2, 0, 1), bisenet.pixels(small).permute(2, 0, 1)
 
 
 class ImageFiles(torch.utils.data.Dataset):
     """Images for inference, as the reference's test pipeline reads them: RGB (EXIF orientation
-    applied; greyscale, palette and RGBA converted), rescaled to fit 2048 x 1024 with cv2's
-    bilinear. An item is (image uint8 (3, H, W), rescaled uint8 (3, h, w), None), or
-    (None, None, the reason) for a file that cannot be read."""
+    applied; greyscale, palette and RGBA converted), then rescaled(). An item is (image, the
+    rescaled image, None), or (None, None, the reason) for a file that cannot be read."""
 
-    def __init__(self, paths):
-        self.paths = paths
+    def __init__(self, paths, scale=TEST_SCALE):
+        self.paths, self.scale = paths, scale
 
     def __len__(self):
         return len(self.paths)
@@ -417,38 +474,276 @@ class ImageFiles(torch.utils.data.Dataset):
             image, _ = bisenet.open_image(self.paths[index])
         except bisenet.IMAGE_ERRORS as e:
             return None, None, bisenet.one_line(e)
-        size = fit_size(*image.size)
-        rescaled = bisenet.rescale_crop(image, image.size, size, (0, 0) + size, Image.BILINEAR)
-        return (bisenet.pixels(image).permute(2, 0, 1), bisenet.pixels(rescaled).permute(2, 0, 1),
-                None)
+        return rescaled(image, self.scale) + (None,)
+
+
+def segment(model, image, small, runtime, mode='whole', aug_test=False):
+    """The label map (train ids, uint8 (H, W) on the CPU) of an image (uint8 (3, H, W)) from
+    its rescaled copy `small`: the scores go back to the image's own size (bilinear) before the
+    argmax, as the reference predicts."""
+    x = bisenet.normalize(small[None].to(runtime.device, non_blocking=True))
+    with runtime.autocast():
+        scores = predict(model, x.contiguous(memory_format=runtime.inference_format),
+                         model.num_classes, mode, aug_test)
+    scores = F.interpolate(scores, size=image.shape[1:], mode='bilinear', align_corners=False)
+    return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 
 @torch.no_grad()
 def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=None,
-                   show_dir=None, workers=4, log=print):
-    """Segment image files in this process's shard: the rescaled image's scores go back to the
-    image's own size (bilinear) before the argmax, as the reference predicts. Writes label PNGs
-    and/or pictures; returns the files that could not be read."""
-    dataset, names = ImageFiles(paths), output_names(paths)
+                   show_dir=None, workers=4, log=print, scale=TEST_SCALE):
+    """Segment image files in this process's shard (segment()). Writes label PNGs and/or
+    pictures; returns the files that could not be read."""
+    dataset, names = ImageFiles(paths, scale), output_names(paths)
     label_ids = bisenet.cityscapes_label_ids(model.classes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                          sampler=runtime.shard(len(dataset)))
     progress, failed = Progress('[images]', len(dataset), runtime, log), []
-    for step, (index, (image, rescaled, error)) in enumerate(zip(loader.sampler, loader)):
+    for step, (index, (image, small, error)) in enumerate(zip(loader.sampler, loader)):
         if error is None:
-            x = bisenet.normalize(rescaled[None].to(runtime.device))
-            with runtime.autocast():
-                scores = predict(model, x.contiguous(memory_format=runtime.inference_format),
-                                 model.num_classes, mode, aug_test)
-            scores = F.interpolate(scores, size=image.shape[1:], mode='bilinear',
-                                   align_corners=False)
-            save_prediction(scores.argmax(1)[0].cpu().numpy(), image, names[index],
-                            names[index], out_dir, show_dir, model.classes, model.palette,
-                            label_ids=label_ids)
+            pred = segment(model, image, small, runtime, mode, aug_test)
+            save_prediction(pred, image, names[index], names[index], out_dir, show_dir,
+                            model.classes, model.palette, label_ids=label_ids)
         else:
             print(f'skipped {paths[index]}: cannot read it ({error})', file=sys.stderr, flush=True)
             failed.append(paths[index])
         progress.step(step, len(loader))
+    return failed
+
+
+# ----------------------------------------------------------------------------------------------
+# Video: every frame through segment(), decoded and encoded in threads of their own
+# ----------------------------------------------------------------------------------------------
+
+VIDEO_SUFFIXES = ('.mp4', '.mkv', '.mov', '.avi', '.webm', '.m4v', '.mpg', '.mpeg', '.ts',
+                  '.flv', '.wmv', '.3gp')
+MP4_AUDIO = ('aac', 'mp3', 'ac3', 'eac3', 'opus', 'alac', 'flac')    # what MP4 holds as it is
+
+
+def import_av():
+    """PyAV, FFmpeg's libraries in a wheel: an optional extra, asked for by --video alone."""
+    try:
+        import av
+    except ImportError:
+        raise bisenet.SetupError('--video needs PyAV (FFmpeg for Python): pip install av') \
+            from None
+    return av
+
+
+def read_ahead(items, depth=8):
+    """The items of the iterator `items`, made by a thread of its own up to `depth` ahead, so
+    that decoding overlaps inference (FFmpeg and Pillow release the GIL); an error raised
+    there is raised here, after the items before it."""
+    ahead, stop, end = queue.Queue(depth), threading.Event(), object()
+
+    def offer(item):                    # False once the consumer has stopped taking items
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            if all(offer(item) for item in items):
+                offer(end)
+        except BaseException as e:      # handed to the consumer, which raises it
+            offer(e)
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ahead.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def decoded_frames(av, container, video, audio, scale):
+    """What a video file holds, in order: for each frame (its pts, the frame as an image
+    uint8 (3, H, W) and rescaled to fit `scale`, as rescaled() does for --images), and the
+    audio packets to copy. A file that breaks off raises av's error after its last frame."""
+    streams = [video] + ([audio] if audio is not None else [])
+    for packet in container.demux(*streams):
+        if packet.stream.type == 'audio':
+            if packet.dts is not None:              # not the demuxer's empty flush packet
+                yield packet
+            continue
+        for frame in packet.decode():
+            yield (frame.pts,) + rescaled(frame.to_image(), scale)
+
+
+class VideoOutputs:
+    """What --video writes of one file: the prediction over each frame as DIR/NAME.mp4 (H.264
+    at the input's size and frame timing, the legend at its bottom, the audio copied), written
+    to a temporary file and renamed at the end; and/or each frame's label map as
+    OUT_DIR/NAME/FRAME.png, the PNGs --images writes."""
+
+    def __init__(self, av, video, audio, name, out_dir, show_dir, classes, palette, log):
+        self.av, self.name, self.out_dir = av, name, out_dir
+        self.classes, self.palette = classes, palette
+        self.label_ids = bisenet.cityscapes_label_ids(classes)
+        self.path = self.container = self.audio = None
+        if not show_dir:
+            return
+        self.path = Path(show_dir) / f'{name}.mp4'
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + '.tmp')
+        self.container = av.open(str(self.tmp), 'w', format='mp4')
+        rate = fractions.Fraction(video.average_rate or video.guessed_rate or 25)
+        self.stream = self.container.add_stream('libx264', rate=rate)
+        width, height = video.codec_context.width, video.codec_context.height
+        self.stream.width, self.stream.height = width, height
+        # H.264 in 4:2:0 (what every player plays) needs even sizes; 4:4:4 takes any.
+        self.stream.pix_fmt = 'yuv420p' if width % 2 == 0 and height % 2 == 0 else 'yuv444p'
+        # A clock of at least 90 kHz with a whole number of ticks a frame: it holds the
+        # input's frame rate exactly, and the times of a variable-rate input closely.
+        ticks = rate.numerator * -(-90000 // rate.numerator)
+        self.time_base = fractions.Fraction(1, ticks)
+        self.stream.time_base = self.stream.codec_context.time_base = self.time_base
+        self.input_time_base, self.frame_time, self.start = video.time_base, 1 / rate, None
+        self.stream.options = {'crf': '18', 'preset': 'veryfast'}
+        if audio is not None and audio.codec_context.name in MP4_AUDIO:
+            template = getattr(self.container, 'add_stream_from_template', None)
+            self.audio = template(audio) if template else self.container.add_stream(
+                template=audio)
+        elif audio is not None:
+            log(f'{name}: its audio ({audio.codec_context.name}) is not copied: MP4 does not '
+                f'hold that codec')
+
+    def frame(self, index, pts, pred, image):
+        """Write frame `index` (pts in the input's time base) and its label map `pred`."""
+        if self.out_dir:
+            save_prediction(pred, image, f'{self.name}/{index:06d}.png', None, self.out_dir,
+                            None, self.classes, self.palette, label_ids=self.label_ids)
+        if self.container is not None:
+            frame = self.av.VideoFrame.from_image(overlay(pred, image, self.classes,
+                                                          self.palette))
+            frame.pts, frame.time_base = self.timestamp(index, pts), self.time_base
+            for packet in self.stream.encode(frame):
+                self.container.mux(packet)
+
+    def timestamp(self, index, pts):
+        """Frame `index`'s time on the output clock: the first frame's plus `index` frames at
+        the input's rate, where the input's own time for it (pts) is that to the input's
+        precision, so that a constant rate stays exactly the input's; else the input's time
+        (a variable rate)."""
+        steady = index * self.frame_time
+        if pts is not None and self.input_time_base:
+            shown = pts * self.input_time_base
+            self.start = shown if self.start is None else self.start
+            steady += self.start
+            if abs(shown - steady) > self.input_time_base:     # a variable frame rate
+                steady = shown
+        return round(steady / self.time_base)
+
+    def copy_audio(self, packet):
+        if self.audio is not None:
+            packet.stream = self.audio
+            self.container.mux(packet)
+
+    def close(self):
+        """Finish the video (the encoder's last frames) and put it in place."""
+        if self.container is not None:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+            self.container.close()
+            os.replace(self.tmp, self.path)
+
+
+def ended_early(container, video, frames, last_pts):
+    """Why a video that decoded without an error still ended early, or None: fewer frames
+    than its header counts, or where it counts none, its last frame more than a second before
+    the file's end (a cut-off Matroska file, say)."""
+    if video.frames:
+        return (f'it breaks off after {frames} of its {video.frames} frames'
+                if frames < video.frames else None)
+    if last_pts is None or video.time_base is None or not container.duration:
+        return None
+    shown, length = float(last_pts * video.time_base), container.duration / 1e6
+    if shown < length - 1:
+        return f'it breaks off after {frames} frames ({shown:.1f} s of {length:.1f} s)'
+    return None
+
+
+@torch.no_grad()
+def segment_video(av, model, path, name, runtime, mode='whole', aug_test=False, out_dir=None,
+                  show_dir=None, scale=TEST_SCALE, log=print):
+    """Segment each frame of one video file (segment(), as --images does for an image): a
+    thread decodes and rescales the frames ahead of the model, another draws and encodes the
+    outputs behind it. Returns (frames, seconds in all, seconds of the model alone, why the
+    file was skipped or cut short, or None)."""
+    av_error = getattr(av, 'FFmpegError', None) or av.AVError        # PyAV < 14: AVError
+    start = time.perf_counter()
+    try:
+        container = av.open(str(path))
+    except (OSError, av_error) as e:
+        return 0, 0.0, 0.0, f'FFmpeg cannot open it ({getattr(e, "strerror", None) or e})'
+    with container, concurrent.futures.ThreadPoolExecutor(1) as writer:
+        if not container.streams.video:
+            return 0, 0.0, 0.0, 'it holds no video stream'
+        video = container.streams.video[0]
+        video.thread_type = 'AUTO'                       # FFmpeg's threads decode ahead
+        audio = container.streams.audio[0] if container.streams.audio else None
+        total = video.frames or int((container.duration or 0) / 1e6 * (video.average_rate or 0))
+        outputs = VideoOutputs(av, video, audio, name, out_dir, show_dir, model.classes,
+                               model.palette, log)
+        frames, model_time, pts, problem, pending = 0, 0.0, None, None, collections.deque()
+        progress = Progress(f'[video] {name}', total, None, log, unit='frames')
+        try:
+            for item in read_ahead(decoded_frames(av, container, video, audio, scale)):
+                if not isinstance(item, tuple):                       # audio, copied
+                    pending.append(writer.submit(outputs.copy_audio, item))
+                    continue
+                pts, image, small = item
+                begin = time.perf_counter()
+                pred = segment(model, image, small, runtime, mode, aug_test)
+                model_time += time.perf_counter() - begin
+                pending.append(writer.submit(outputs.frame, frames, pts, pred, image))
+                frames += 1
+                while len(pending) > 8:                   # the writer at most 8 items behind
+                    pending.popleft().result()
+                progress.step(frames - 1, total)
+        except av_error as e:
+            problem = (f'it breaks off after {frames} frames '
+                       f'({getattr(e, "strerror", None) or e})')
+        for done in pending:
+            done.result()
+        outputs.close()
+        problem = problem or (ended_early(container, video, frames, pts) if frames
+                              else 'no frame could be decoded')
+    if problem and frames:
+        problem += '; those were written'
+    return frames, time.perf_counter() - start, model_time, problem
+
+
+def segment_videos(av, model, paths, runtime, mode='whole', aug_test=False, out_dir=None,
+                   show_dir=None, scale=TEST_SCALE, log=print):
+    """Segment the video files of this process's shard (segment_video); returns the files
+    that could not be read, or not to their end."""
+    names = [name[:-len('.mp4')] for name in output_names(paths, '.mp4')]
+    failed, frames, seconds, model_seconds = [], 0, 0.0, 0.0
+    for index in runtime.shard(len(paths)):
+        count, wall, alone, problem = segment_video(av, model, paths[index], names[index],
+                                                    runtime, mode, aug_test, out_dir, show_dir,
+                                                    scale, log)
+        if problem:
+            print(f'{"skipped" if not count else "cut short"} {paths[index]}: {problem}',
+                  file=sys.stderr, flush=True)
+            failed.append(paths[index])
+        if count:
+            log(f'{names[index]}: {count} frames in {wall:.1f} s, {count / wall:.2f} frames/s')
+        frames, seconds, model_seconds = frames + count, seconds + wall, model_seconds + alone
+    if frames:
+        log(f'video: {frames} frames at {frames / seconds:.2f} frames/s in all, the model alone '
+            f'at {frames / model_seconds:.2f} frames/s ({seconds / model_seconds:.2f} x its time)')
     return failed
 
 
@@ -601,26 +896,37 @@ def run_benchmark(args, runtime):
 
 
 def run_images(args, runtime):
-    """--images: label maps and/or pictures of image files; exits 1 if any could not be read."""
-    paths = find_images(args.images)
+    """--images and --video: label maps and/or pictures (overlay videos) of image or video
+    files; exits 1 if any could not be read."""
+    video = bool(args.video)
+    paths = (find_images(args.video, '--video', VIDEO_SUFFIXES, 'video') if video
+             else find_images(args.images))
+    av = import_av() if video else None             # a missing PyAV: before any work
     show_dir = args.show_dir
     if not (args.out_dir or args.show_dir):
         show_dir = 'output/segmented'       # pictures, unless asked for label maps
     for flag, folder in (('--out-dir', args.out_dir), ('--show-dir', show_dir)):
         if folder:
             bisenet.make_dir(folder, flag)
+    scale = tuple(args.scale or TEST_SCALE)
     model = prepare_for_inference(bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle),
                                   runtime, args.compile)
-    runtime.print0(f'segmenting {len(paths)} images with {args.ckpt} ({model.num_classes} '
-                   f'classes), {args.mode}{" + ms/flip" if args.aug_test else ""}, '
-                   f'{runtime.device}, {runtime.precision}; writing '
+    kind = 'videos' if video else 'images'
+    runtime.print0(f'segmenting {len(paths)} {kind} with {args.ckpt} ({model.num_classes} '
+                   f'classes), {args.mode}{" + ms/flip" if args.aug_test else ""}, fit to '
+                   f'{scale[0]} x {scale[1]}, {runtime.device}, {runtime.precision}; writing '
                    + ' and '.join(f'{what} to {folder}' for what, folder in (
-                       ('label maps', args.out_dir), ('pictures', show_dir)) if folder))
-    failed = segment_images(model, paths, runtime, args.mode, args.aug_test, args.out_dir,
-                            show_dir, args.workers, log=runtime.print0)
+                       ('label maps', args.out_dir),
+                       ('overlay videos' if video else 'pictures', show_dir)) if folder))
+    if video:
+        failed = segment_videos(av, model, paths, runtime, args.mode, args.aug_test,
+                                args.out_dir, show_dir, scale, log=runtime.print0)
+    else:
+        failed = segment_images(model, paths, runtime, args.mode, args.aug_test, args.out_dir,
+                                show_dir, args.workers, log=runtime.print0, scale=scale)
     if failed:
-        sys.exit(f'error: {len(failed)} of the images could not be read (named above); the '
-                 f'others were written')
+        sys.exit(f'error: {len(failed)} of the {kind} could not be read' + (
+            ' in full' if video else '') + ' (named above); the others were written')
 
 
 def run_evaluation(args, runtime):
@@ -673,14 +979,23 @@ def main(argv=None):
             raise bisenet.SetupError('--ckpt is required (or --benchmark for a timing run)')
         if args.workers < 0:
             raise bisenet.SetupError(f'--workers cannot be negative, not {args.workers}')
-        if args.images and args.export_onnx:
-            raise bisenet.SetupError('--images and --export-onnx exclude each other: run twice')
+        given = [flag for flag, value in (('--images', args.images), ('--video', args.video),
+                                          ('--export-onnx', args.export_onnx)) if value]
+        if len(given) > 1:
+            raise bisenet.SetupError(f'{" and ".join(given)} exclude each other: run once for '
+                                     f'each')
+        if args.scale and not (args.images or args.video):
+            raise bisenet.SetupError('--scale applies to --images and --video only (data sets '
+                                     'are evaluated at their own size)')
+        if args.scale and min(args.scale) <= 0:
+            raise bisenet.SetupError(f'--scale takes a positive width and height, not '
+                                     f'{args.scale[0]} {args.scale[1]}')
         if args.export_onnx:
             return run_export(args)
         runtime = bisenet.Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
         if args.benchmark:
             return run_benchmark(args, runtime)
-        if args.images:
+        if args.images or args.video:
             return run_images(args, runtime)
         run_evaluation(args, runtime)
     except (bisenet.CheckpointError, bisenet.DatasetError, bisenet.SetupError) as e:

@@ -1424,6 +1424,123 @@ def test_onnx_export_without_onnx_names_the_package(checkpoint, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Video
+# ----------------------------------------------------------------------------------------------
+
+
+def make_video(path, size, count, rate, audio=True, seed=0):
+    """A video of `count` synthetic street scenes of `size` (w, h) at `rate` frames/s, H.264 (4:4:4
+    where the size is odd), with a second of 440 Hz AAC per second of video if `audio`."""
+    av = pytest.importorskip('av')
+    import fractions
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), 'w') as container:
+        video = container.add_stream('libx264', rate=fractions.Fraction(rate))
+        video.width, video.height = size
+        video.pix_fmt = 'yuv420p' if size[0] % 2 == 0 and size[1] % 2 == 0 else 'yuv444p'
+        sound = container.add_stream('aac', rate=22050) if audio else None
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(bisenet.synthetic_scene(rng, size)[0], 'rgb24')
+            frame.pts = i
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        if sound is not None:
+            t = np.arange(int(22050 * count / float(fractions.Fraction(rate))))
+            samples = (0.2 * np.sin(2 * np.pi * 440 * t / 22050)).astype(np.float32)[None]
+            frame = av.AudioFrame.from_ndarray(samples, format='fltp', layout='mono')
+            frame.sample_rate, frame.pts = 22050, 0
+            container.mux(sound.encode(frame))
+            container.mux(sound.encode())
+    return path
+
+
+def video_facts(path):
+    """(frames as RGB arrays, width, height, average rate, duration in s, audio codecs)."""
+    import av
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        frames = [frame.to_ndarray(format='rgb24') for frame in container.decode(video)]
+        return (frames, video.codec_context.width, video.codec_context.height,
+                video.average_rate, container.duration / 1e6,
+                [stream.codec_context.name for stream in container.streams.audio])
+
+
+@pytest.fixture(scope='module')
+def videos(tmp_path_factory):
+    """An odd-sized Matroska clip with sound at NTSC's 29.97 frames/s, and an MP4 without."""
+    root = tmp_path_factory.mktemp('videos')
+    make_video(root / 'odd.mkv', (97, 61), 18, '30000/1001')
+    make_video(root / 'street.mp4', (160, 90), 8, 10, audio=False, seed=1)
+    return root
+
+
+def test_video_frames_are_the_images_label_maps_at_the_inputs_size_rate_and_sound(
+        videos, initial_checkpoint, tmp_path):
+    """Two processes share the files; each frame's label map is what --images gives for that
+    frame as a PNG, and the overlay video has the input's frames, size, rate, length and sound."""
+    result = torchrun('eval.py', '--ckpt', initial_checkpoint, '--video', videos, '--device', 'cpu',
+                      '--scale', 256, 128, '--out-dir', tmp_path / 'labels',
+                      '--show-dir', tmp_path / 'show')
+    assert 'the model alone at' in result.stdout.strip().splitlines()[-1]
+    for name, video in (('odd.mkv', 'odd.mkv.mp4'), ('street', 'street.mp4')):
+        source, shown = video_facts(videos / (name if '.' in name else f'{name}.mp4')), \
+            video_facts(tmp_path / 'show' / video)
+        frames, width, height, rate, length, audio = source
+        assert shown[1:4] == (width, height, rate) and len(shown[0]) == len(frames)
+        assert abs(shown[4] - length) < 0.05 and shown[5] == audio, (shown[1:], source[1:])
+        (tmp_path / 'frames' / name).mkdir(parents=True)
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(tmp_path / 'frames' / name / f'{i:06d}.png')
+        labels = sorted((tmp_path / 'labels' / name).glob('*.png'))
+        assert [p.name for p in labels] == [f'{i:06d}.png' for i in range(len(frames))]
+        # The overlay shows the prediction: it differs from the plain frames.
+        assert np.abs(shown[0][0].astype(int) - frames[0]).mean() > 10
+    run_here(evaluation, '--ckpt', initial_checkpoint, '--images', tmp_path / 'frames',
+             '--device', 'cpu', '--workers', 0, '--scale', 256, 128, '--out-dir',
+             tmp_path / 'images', check=True)
+    for label in (tmp_path / 'labels').rglob('*.png'):
+        expected = Image.open(tmp_path / 'images' / label.relative_to(tmp_path / 'labels'))
+        assert np.array_equal(np.array(Image.open(label)), np.array(expected)), label
+    assert len(np.unique(np.array(Image.open(label)))) > 1
+
+
+def test_video_broken_and_cut_off_files_are_named_and_the_rest_written(
+        videos, initial_checkpoint, tmp_path):
+    make_video(tmp_path / 'long.mkv', (64, 48), 30, 10, audio=False)
+    whole = (tmp_path / 'long.mkv').read_bytes()
+    (tmp_path / 'cut.mkv').write_bytes(whole[:len(whole) // 2])
+    (tmp_path / 'broken.mp4').write_bytes(b'\x00\x00\x00\x18ftypmp42 but nothing after it')
+    (tmp_path / 'long.mkv').unlink()
+    shutil.copy(videos / 'street.mp4', tmp_path / 'street.mp4')
+    result = run_here(evaluation, '--ckpt', initial_checkpoint, '--video', tmp_path / '*.m*',
+                      '--device', 'cpu', '--scale', 128, 64, '--out-dir', tmp_path / 'labels')
+    errors = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(errors) == 3, result.stderr
+    assert errors[0].startswith(f'skipped {tmp_path / "broken.mp4"}: FFmpeg cannot open it')
+    assert errors[1].startswith(f'cut short {tmp_path / "cut.mkv"}: it breaks off after')
+    assert errors[2] == 'error: 2 of the videos could not be read in full (named above); the ' \
+                        'others were written'
+    kept = len(list((tmp_path / 'labels' / 'cut.mkv').glob('*.png')))
+    assert 0 < kept < 30 and f'after {kept} frames' in errors[1]
+    assert len(list((tmp_path / 'labels' / 'street').glob('*.png'))) == 8
+    assert not list(tmp_path.rglob('*.tmp'))
+
+
+def test_video_without_pyav_names_the_package_before_any_work(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'av', None)            # import av fails, as where absent
+    (tmp_path / 'clip.mp4').write_bytes(b'')
+    result = run_here(evaluation, '--ckpt', checkpoint, '--video', tmp_path / 'clip.mp4',
+                      '--show-dir', tmp_path / 'show')
+    assert_one_line_error(result, 'pip install av')
+    assert not (tmp_path / 'show').exists()
+    both = run_here(evaluation, '--ckpt', checkpoint, '--video', tmp_path / 'clip.mp4',
+                    '--images', tmp_path)
+    assert_one_line_error(both, '--images and --video exclude each other')
+    scale = run_here(evaluation, '--ckpt', checkpoint, '--scale', 512, 256)
+    assert_one_line_error(scale, '--scale applies to --images and --video only')
+
+
+# ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
 
