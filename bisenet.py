@@ -1760,6 +1760,16 @@ def cpu_has_bf16():
         return False
 
 
+def cpu_has_int8_dot():
+    """Whether this CPU has int8 dot-product instructions (x86 VNNI or AMX, Arm dotprod), which
+    make int8 models faster than fp32; None where the CPU's flags cannot be read."""
+    try:
+        flags = set(Path('/proc/cpuinfo').read_text().split())
+    except OSError:
+        return None
+    return bool(flags & {'avx512_vnni', 'avx_vnni', 'amx_int8', 'asimddp'})
+
+
 def import_torch_npu():
     """Import torch_npu if it is installed and loads; None otherwise. Never a requirement:
     installed without the CANN toolkit, it fails to load (and so would a plain import)."""

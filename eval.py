@@ -1,5 +1,6 @@
 """Evaluate a BiSeNetV1 checkpoint on Cityscapes or a data set of your own with the reference's
-metric, segment your own images and videos with it, or export it to ONNX.
+metric, segment your own images and videos with it, or export it to ONNX (fp32 or int8) and
+run the exported file the same ways.
 
 Works with this project's checkpoints and mmsegmentation's published ones; the backbone, the
 class count and the class names and colours are read from the checkpoint (Cityscapes' where a
@@ -12,6 +13,8 @@ class count and the class names and colours are read from the checkpoint (Citysc
     python eval.py --ckpt CKPT --images photos/ street.jpg 'more/*.png'          # your images
     python eval.py --ckpt CKPT --video drive.mp4 clips/                          # videos (PyAV)
     python eval.py --ckpt CKPT --export-onnx bisenet.onnx                        # deployment
+    python eval.py --ckpt CKPT --export-onnx int8.onnx --int8 --data-path ROOT   # int8, calibrated
+    python eval.py --onnx int8.onnx --data-path ROOT        # the exported file in --ckpt's place
     python eval.py --benchmark [--device cuda --amp]       # inference FPS at 1024 x 2048
     python eval.py --benchmark --device cpu --amp --amp-dtype bf16               # CPU bf16
 
@@ -35,6 +38,7 @@ import queue
 import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -65,10 +69,21 @@ def get_args_parser():
     parser.add_argument('--scale', type=int, nargs=2, metavar=('W', 'H'), help='with --images or '
                         '--video: rescale to fit W x H, keeping the aspect ratio (default the '
                         'reference\'s 2048 1024; smaller is faster)')
+    parser.add_argument('--onnx', metavar='FILE', help='an exported ONNX file in place of '
+                        '--ckpt: evaluation, --images, --video and --benchmark run it with '
+                        'onnxruntime on the CPU')
     parser.add_argument('--export-onnx', metavar='FILE', help='write the inference fast path as '
                         'ONNX (uint8 RGB in, label map out) and check it with onnxruntime')
     parser.add_argument('--onnx-logits', action='store_true',
                         help='with --export-onnx: also output the logits')
+    parser.add_argument('--int8', action='store_true', help='with --export-onnx: static int8 '
+                        '(QDQ, per-channel weights), calibrated on images')
+    parser.add_argument('--calibrate', metavar='DIR', help='with --int8: calibrate on images '
+                        'here (a folder or glob); default the train split of --data-path')
+    parser.add_argument('--calibrate-count', type=int, default=32, metavar='N',
+                        help='with --int8: how many images to calibrate on (default 32)')
+    parser.add_argument('--threads', type=int, help='CPU threads of PyTorch and onnxruntime '
+                        '(default all cores)')
     parser.add_argument('--split', default='val')
     parser.add_argument('--mode', choices=('whole', 'slide'), default='whole',
                         help='whole image (the reference) or sliding 1024 x 1024 windows')
@@ -768,18 +783,26 @@ class Deployable(nn.Module):
         return (labels, logits) if self.logits else labels
 
 
-def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)), log=print):
-    """Write the fast path (BN folded) as ONNX (opset 17, dynamic batch, height and width),
-    atomically; then, where onnxruntime is installed, run both on random images of
-    `check_sizes`: label agreement, largest logit difference, CPU time per image."""
+def import_onnx(flag, need_onnxruntime=True):
+    """The optional extras onnx and onnxruntime (None for a missing onnxruntime that is not
+    needed), or one line naming the pip command."""
     try:
         import onnx
     except ImportError:
-        raise bisenet.SetupError('--export-onnx needs the onnx package: pip install onnx '
-                                 'onnxruntime (onnxruntime checks the export)') from None
-    runtime = bisenet.Runtime('cpu')
-    deployable = Deployable(prepare_for_inference(model, runtime).to(
-        memory_format=torch.contiguous_format), logits=True).eval()
+        onnx = None
+    try:
+        import onnxruntime
+    except ImportError:
+        onnxruntime = None
+    if onnx is None or (onnxruntime is None and need_onnxruntime):
+        raise bisenet.SetupError(f'{flag} needs the onnx and onnxruntime packages: pip install '
+                                 f'onnx onnxruntime') from None
+    return onnx, onnxruntime
+
+
+def onnx_graph(onnx, deployable, classes, palette):
+    """The fast path as an ONNX model with both outputs (opset 17, dynamic batch, height and
+    width), the class names and colours in its metadata ('classes', 'palette': JSON)."""
     example = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
     axes = {'image': {0: 'batch', 1: 'height', 2: 'width'},
             'labels': {0: 'batch', 1: 'height', 2: 'width'},
@@ -787,28 +810,59 @@ def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)
     kwargs = {}
     if 'dynamo' in inspect.signature(torch.onnx.export).parameters:
         kwargs['dynamo'] = False    # the TorchScript exporter: dynamic sizes, in every torch 2.x
-    tmp = Path(str(path) + '.tmp')
-    with warnings.catch_warnings():                 # its deprecation notices, not ours to fix
-        warnings.simplefilter('ignore')
-        torch.onnx.export(deployable, (example,), str(tmp), input_names=['image'],
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter('ignore')             # its deprecation notices, not ours to fix
+        torch.onnx.export(deployable, (example,), f'{folder}/m.onnx', input_names=['image'],
                           output_names=['labels', 'logits'], dynamic_axes=axes, opset_version=17,
                           **kwargs)
-    exported = onnx.load(str(tmp))
-    onnx.checker.check_model(exported)
-    full = exported.SerializeToString()             # checked below with its logits output
-    if not logits:                                  # what is written: the label map only
-        exported.graph.output.remove(exported.graph.output[1])
-        onnx.save(exported, str(tmp))
+        graph = onnx.load(f'{folder}/m.onnx')
+    onnx.checker.check_model(graph)
+    onnx.helper.set_model_props(graph, {'classes': json.dumps(classes),
+                                        'palette': json.dumps(palette), 'precision': 'fp32'})
+    return graph
+
+
+def labels_only(graph):
+    """A copy of an exported graph without its logits output: what users run by default."""
+    graph = copy.deepcopy(graph)
+    graph.graph.output.remove(graph.graph.output[1])
+    return graph
+
+
+def save_onnx(onnx, graph, path):
+    """Write `graph` to `path` atomically."""
+    tmp = Path(str(path) + '.tmp')
+    onnx.save(graph, str(tmp))
     os.replace(tmp, path)
+
+
+def onnx_session(onnxruntime, graph, threads=None):
+    """An onnxruntime CPU session of a model (a path, or a ModelProto), on `threads` threads
+    (None: all cores)."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or bisenet.all_cores()
+    # No spinning between runs: onnxruntime's idle threads would take the cores from the
+    # decoding, the drawing and PyTorch that run between and beside its runs.
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    source = graph.SerializeToString() if hasattr(graph, 'SerializeToString') else str(graph)
+    return onnxruntime.InferenceSession(source, options, providers=['CPUExecutionProvider'])
+
+
+def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)), log=print):
+    """Write the fast path (BN folded) as ONNX (onnx_graph), atomically; then run it with
+    onnxruntime next to PyTorch on random images of `check_sizes`: label agreement, largest
+    logit difference, CPU time per image. Returns the lowest agreement."""
+    onnx, onnxruntime = import_onnx('--export-onnx', need_onnxruntime=False)
+    deployable = Deployable(prepare_for_inference(model, bisenet.Runtime('cpu')), True).eval()
+    graph = onnx_graph(onnx, deployable, model.classes, model.palette)
+    save_onnx(onnx, graph if logits else labels_only(graph), path)
     log(f'exported {path}: image uint8 RGB (N, H, W, 3) -> labels uint8 (N, H, W)'
         + (f' and logits float32 (N, {model.num_classes}, H, W)' if logits else '')
         + f', ONNX opset 17, classes: {", ".join(model.classes)}')
-    try:
-        import onnxruntime
-    except ImportError:
+    if onnxruntime is None:
         log('onnxruntime is not installed, so the export was not checked: pip install onnxruntime')
         return None
-    session = onnxruntime.InferenceSession(full, providers=['CPUExecutionProvider'])
+    session = onnx_session(onnxruntime, graph)
     agreements = []
     for height, width in check_sizes:
         image = torch.randint(0, 256, (1, height, width, 3), dtype=torch.uint8,
@@ -820,17 +874,145 @@ def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)
         agreements.append(agree)
         log(f'onnxruntime check at {height} x {width}: labels agree on {100 * agree:.3f}% of '
             f'pixels, largest logit difference {np.abs(got[1] - want_logits.numpy()).max():.2e}')
-    height, width = check_sizes[0]
-    image = torch.randint(0, 256, (1, height, width, 3), dtype=torch.uint8)
-    with torch.no_grad():
-        times = bisenet.time_alternately({      # three rounds, the first a warm-up
-            'onnxruntime': lambda: session.run(None, {'image': image.numpy()}),
-            'fast path': lambda: deployable(image)}, rounds=3)
-    ort_time, torch_time = (statistics.median(times[n][1:]) for n in ('onnxruntime', 'fast path'))
-    log(f'CPU time per {height} x {width} image: onnxruntime {ort_time * 1e3:.0f} ms, fast path '
-        f'{torch_time * 1e3:.0f} ms ({ort_time / torch_time:.2f} x, one run, '
+    times = time_per_image({'onnxruntime': onnx_session(onnxruntime, labels_only(graph)),
+                            'fast path': Deployable(deployable.model)}, check_sizes[0])
+    log(f'CPU time per {check_sizes[0][0]} x {check_sizes[0][1]} image: onnxruntime '
+        f'{times["onnxruntime"] * 1e3:.0f} ms, fast path {times["fast path"] * 1e3:.0f} ms '
+        f'({times["onnxruntime"] / times["fast path"]:.2f} x, one run, '
         f'{torch.get_num_threads()} threads)')
     return min(agreements)
+
+
+def time_per_image(runs, size, rounds=3):
+    """Median seconds per random uint8 image of `size` (h, w) of each onnxruntime session or
+    Deployable in `runs` (of label maps alone, as users run them), in alternating rounds, the
+    first a warm-up."""
+    image = torch.randint(0, 256, (1, *size, 3), dtype=torch.uint8)
+
+    def call(run):
+        if isinstance(run, nn.Module):
+            return lambda: run(image)
+        return lambda: run.run(None, {'image': image.numpy()})
+    with torch.no_grad():
+        times = bisenet.time_alternately({n: call(r) for n, r in runs.items()}, rounds)
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
+
+
+def label_agreement(first, second, images):
+    """The share of pixels where two sessions' label maps agree, over `images` (uint8 (1, H, W,
+    3) arrays)."""
+    equal = total = 0
+    for image in images:
+        a, b = (s.run(['labels'], {'image': image})[0] for s in (first, second))
+        equal, total = equal + int((a == b).sum()), total + a.size
+    return equal / max(total, 1)
+
+
+def export_int8(model, path, calibration, held_out=(), logits=False, log=print):
+    """Write the fast path as a static int8 ONNX model (QDQ: int8 weights per channel, uint8
+    activations, what x86's VNNI and AMX run), its activation ranges calibrated on
+    `calibration` (uint8 (1, H, W, 3) arrays, rescaled as inference rescales). Reports the label
+    agreement with the fp32 file on the calibration and the held-out images, and the time per
+    image of the first calibration image's size (Cityscapes': 1024 x 2048) against fp32
+    onnxruntime and the PyTorch fast path, side by side. Returns the agreement on the held-out
+    images (on the calibration images where there are none)."""
+    onnx, onnxruntime = import_onnx('--int8')
+    from onnxruntime import quantization
+    deployable = Deployable(prepare_for_inference(model, bisenet.Runtime('cpu')), True).eval()
+    fp32 = onnx_graph(onnx, deployable, model.classes, model.palette)
+
+    class Images(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.images = iter(calibration)
+
+        def get_next(self):
+            image = next(self.images, None)
+            return None if image is None else {'image': image}
+    log(f'calibrating the int8 model on {len(calibration)} images ...')
+    with tempfile.TemporaryDirectory() as folder:
+        onnx.save(fp32, f'{folder}/fp32.onnx')
+        quantization.quant_pre_process(f'{folder}/fp32.onnx', f'{folder}/pre.onnx')
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            quantization.quantize_static(
+                f'{folder}/pre.onnx', f'{folder}/int8.onnx', Images(),
+                quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                activation_type=quantization.QuantType.QUInt8,
+                weight_type=quantization.QuantType.QInt8)
+        int8 = onnx.load(f'{folder}/int8.onnx')
+    onnx.helper.set_model_props(int8, dict({p.key: p.value for p in fp32.metadata_props},
+                                           precision='int8'))
+    save_onnx(onnx, int8 if logits else labels_only(int8), path)
+    log(f'exported {path}: int8 (QDQ, per-channel weights), image uint8 RGB (N, H, W, 3) -> '
+        f'labels uint8 (N, H, W)' + (' and logits float32' if logits else '')
+        + f', classes: {", ".join(model.classes)}')
+    sessions = {'int8 onnxruntime': onnx_session(onnxruntime, labels_only(int8)),
+                'fp32 onnxruntime': onnx_session(onnxruntime, labels_only(fp32))}
+    agreement = label_agreement(*sessions.values(), calibration)
+    line = f'int8 labels agree with fp32 on {100 * agreement:.2f}% of the pixels of the ' \
+           f'{len(calibration)} calibration images'
+    if held_out:
+        agreement = label_agreement(*sessions.values(), held_out)
+        line += f', {100 * agreement:.2f}% of {len(held_out)} held-out images'
+    log(line)
+    time_size = calibration[0].shape[1:3]
+    times = time_per_image(dict(sessions, **{'PyTorch fast path': Deployable(deployable.model)}),
+                           time_size)
+    int8_time = times['int8 onnxruntime']
+    log(f'CPU time per {time_size[0]} x {time_size[1]} image: ' + ', '.join(
+        f'{name} {t * 1e3:.0f} ms' for name, t in times.items())
+        + f' (int8: {int8_time / times["fp32 onnxruntime"]:.2f} x fp32 onnxruntime, '
+        f'{int8_time / times["PyTorch fast path"]:.2f} x the fast path; one run, '
+        f'{torch.get_num_threads()} threads)')
+    if bisenet.cpu_has_int8_dot() is False:
+        log('this CPU has no int8 dot-product instructions (x86 VNNI or AMX, Arm dotprod): '
+            'int8 runs no faster than fp32 here, but will on a CPU that has them')
+    return agreement
+
+
+class OnnxModel:
+    """An exported file in a model's place, run by onnxruntime on the CPU: called on a
+    normalised batch (N, 3, H, W) as the model is, it gives the file's logits, or where the
+    file has none the one-hot of its labels (whose argmax is the labels), so that evaluate(),
+    predict() and segment() run the deployed file as they run a checkpoint. The class names
+    and colours come from the file's metadata."""
+    training = False
+
+    def __init__(self, path, threads=None):
+        onnx, onnxruntime = import_onnx('--onnx')
+        try:
+            self.session = onnx_session(onnxruntime, path, threads)
+        except Exception as e:      # onnxruntime's own error types: not a model, unreadable
+            raise bisenet.CheckpointError(f'cannot load {path} with onnxruntime: '
+                                          f'{bisenet.one_line(e)[:200]}') from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        inputs, outputs = self.session.get_inputs(), [o.name for o in self.session.get_outputs()]
+        if 'classes' not in meta or [i.name for i in inputs] != ['image'] \
+                or 'labels' not in outputs:
+            raise bisenet.CheckpointError(f'{path} is no BiSeNetV1 export with its classes '
+                                          f'(image -> labels, metadata "classes"): export it '
+                                          f'with eval.py --export-onnx')
+        self.classes, self.palette = bisenet.class_meta(
+            len(json.loads(meta['classes'])), json.loads(meta['classes']),
+            json.loads(meta.get('palette', 'null')))
+        self.num_classes, self.logits = len(self.classes), 'logits' in outputs
+        self.threads = threads or bisenet.all_cores()
+        self.path, self.backbone_name = path, f'ONNX {meta.get("precision", "")}'.strip()
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def __call__(self, x):
+        image = (x.float() * bisenet.device_constants(x.device)['std']
+                 + bisenet.device_constants(x.device)['mean']).round_().clamp_(0, 255)
+        image = np.ascontiguousarray(image.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        if self.logits:
+            return torch.from_numpy(self.session.run(['logits'], {'image': image})[0])
+        labels = torch.from_numpy(self.session.run(['labels'], {'image': image})[0]).long()
+        return F.one_hot(labels, self.num_classes).permute(0, 3, 1, 2).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -872,15 +1054,93 @@ def benchmark(model, runtime, compile_model=False, size=(1024, 2048), warmup=2, 
     log(f'FPS: {1 / median["fast path"]:.2f}')
 
 
+def benchmark_onnx(model, size=(1024, 2048), warmup=2, rounds=6, log=print):
+    """Time per image of an exported file (OnnxModel) at batch 1, from a uint8 image to the
+    label map, as its users run it; the median. The last line is 'FPS: <the file>'."""
+    image = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
+
+    def run():
+        model.session.run(['labels'], {'image': image})
+    for _ in range(warmup):
+        run()
+    times = bisenet.time_alternately({'file': run}, rounds)['file']
+    median = statistics.median(times)
+    log(f'{model.path} ({model.backbone_name}): {median * 1e3:.1f} ms per image (median of '
+        f'{", ".join(f"{s * 1e3:.0f}" for s in times)}; {size[0]} x {size[1]}, batch 1, '
+        f'onnxruntime on the CPU, {model.threads} threads)')
+    log(f'FPS: {1 / median:.2f}')
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line: one function per mode
 # ----------------------------------------------------------------------------------------------
 
 
+def load_model(args, runtime):
+    """The model a command names, ready for inference: the exported file of --onnx, run by
+    onnxruntime, or the inference fast path of --ckpt's checkpoint."""
+    if args.onnx:
+        return OnnxModel(args.onnx, args.threads)
+    return prepare_for_inference(bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle),
+                                 runtime, args.compile)
+
+
+def spread(count, limit):
+    """At most `limit` indices of `count` items, evenly spread over them."""
+    return sorted(set(np.linspace(0, count - 1, min(limit, count)).round().astype(int).tolist())) \
+        if count else []
+
+
+def calibration_images(args):
+    """--int8's images as inference sees them (uint8 (1, h, w, 3)): calibration
+    (--calibrate-count of them, spread over --calibrate DIR or over the train split of
+    --data-path) and up to 8 held out (others of DIR; the val split). Images of a folder are
+    rescaled to fit --scale as --images does, a data set's kept at their size as evaluation
+    does (unless --scale is given)."""
+    scale = tuple(args.scale or TEST_SCALE) if args.calibrate or args.scale else None
+    if args.calibrate:
+        paths = find_images([args.calibrate], '--calibrate')
+        chosen = spread(len(paths), args.calibrate_count)
+        rest = [path for i, path in enumerate(paths) if i not in chosen]
+        calibration, held_out = [paths[i] for i in chosen], [rest[i] for i in spread(len(rest), 8)]
+    else:
+        try:
+            train = bisenet.SegmentationDataset(args.data_path, 'train')
+        except bisenet.DatasetError as e:
+            raise bisenet.SetupError(f'--int8 calibrates on --calibrate DIR, or on the train '
+                                     f'split of --data-path, which cannot be read: {e}') from None
+        calibration = [train.samples[i].image for i in spread(len(train), args.calibrate_count)]
+        try:
+            val = bisenet.SegmentationDataset(args.data_path, 'val')
+            held_out = [val.samples[i].image for i in spread(len(val), 8)]
+        except bisenet.DatasetError:
+            held_out = []
+
+    def load(paths):                    # an unreadable file is named and skipped
+        images = []
+        for path in paths:
+            try:
+                image, _ = bisenet.open_image(path)
+            except bisenet.IMAGE_ERRORS as e:
+                print(f'skipped {path}: cannot read it ({bisenet.one_line(e)})', file=sys.stderr)
+                continue
+            pixels = rescaled(image, scale)[1] if scale else bisenet.pixels(image).permute(2, 0, 1)
+            images.append(pixels.permute(1, 2, 0)[None].numpy())
+        return images
+    calibration, held_out = load(calibration), load(held_out)
+    if not calibration:
+        raise bisenet.SetupError('no calibration image could be read (named above)')
+    return calibration, held_out
+
+
 def run_export(args):
-    """--export-onnx: on the CPU, in fp32, what ONNX files hold."""
+    """--export-onnx: on the CPU, what ONNX files hold: fp32, or with --int8 int8."""
     model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle).eval()
     bisenet.make_dir(Path(args.export_onnx).resolve().parent, '--export-onnx')
+    if args.int8:
+        import_onnx('--int8')               # a missing package: before reading any image
+        export_int8(model, args.export_onnx, *calibration_images(args), args.onnx_logits)
+        return
     agreement = export_onnx(model, args.export_onnx, args.onnx_logits)
     if agreement is not None and agreement < 0.9999:
         raise bisenet.SetupError(f'the ONNX label maps agree with PyTorch on only '
@@ -888,7 +1148,10 @@ def run_export(args):
 
 
 def run_benchmark(args, runtime):
-    """--benchmark: a checkpoint's model, or a new one of --backbone, timed on random input."""
+    """--benchmark: a checkpoint's model, or a new one of --backbone, or an exported file,
+    timed on random input."""
+    if args.onnx:
+        return benchmark_onnx(OnnxModel(args.onnx, args.threads), log=runtime.print0)
     model = (bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle) if args.ckpt
              else bisenet.BiSeNetV1(19, args.backbone))
     runtime.print0(f'BiSeNetV1 {model.backbone_name}, {runtime.device}, {runtime.precision}')
@@ -909,10 +1172,10 @@ def run_images(args, runtime):
         if folder:
             bisenet.make_dir(folder, flag)
     scale = tuple(args.scale or TEST_SCALE)
-    model = prepare_for_inference(bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle),
-                                  runtime, args.compile)
+    model = load_model(args, runtime)
     kind = 'videos' if video else 'images'
-    runtime.print0(f'segmenting {len(paths)} {kind} with {args.ckpt} ({model.num_classes} '
+    runtime.print0(f'segmenting {len(paths)} {kind} with {args.ckpt or args.onnx} '
+                   f'({model.num_classes} '
                    f'classes), {args.mode}{" + ms/flip" if args.aug_test else ""}, fit to '
                    f'{scale[0]} x {scale[1]}, {runtime.device}, {runtime.precision}; writing '
                    + ' and '.join(f'{what} to {folder}' for what, folder in (
@@ -936,22 +1199,21 @@ def run_evaluation(args, runtime):
                          ('--prof-dir', args.prof_test and args.prof_dir)):
         if folder:                          # fail now, not after the evaluation
             bisenet.make_dir(folder, flag)
-    model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle)
+    model, source = load_model(args, runtime), args.ckpt or args.onnx
     dataset = bisenet.SegmentationDataset(args.data_path, args.split,
                                           bisenet.EvalTransform(on_device=True), args.cache_dir)
     if model.num_classes != len(dataset.classes):
-        raise bisenet.SetupError(f'{args.ckpt} predicts {model.num_classes} classes but '
+        raise bisenet.SetupError(f'{source} predicts {model.num_classes} classes but '
                                  f'{args.data_path} has {len(dataset.classes)}: evaluate a '
-                                 f'checkpoint trained on this data set')
+                                 f'model trained on this data set')
     if dataset.cache_note:
         runtime.print0(dataset.cache_note)
     limit = 8 if args.prof_test else None           # a few images are enough to profile
-    runtime.print0(f'evaluating {args.ckpt} ({model.backbone_name}, {model.num_classes} '
+    runtime.print0(f'evaluating {source} ({model.backbone_name}, {model.num_classes} '
                    f'classes) on {min(len(dataset), limit or len(dataset))} images of '
                    f'{args.data_path}/{args.split}, '
                    f'{args.mode}{" + ms/flip" if args.aug_test else ""}, {runtime.device}, '
                    f'{runtime.precision}, {runtime.world_size} process(es)')
-    model = prepare_for_inference(model, runtime, args.compile)
     profiler = runtime.profiler(args.prof_dir) if args.prof_test else None
     if profiler is not None:
         profiler.start()
@@ -971,28 +1233,51 @@ def run_evaluation(args, runtime):
                                               indent=2) + '\n')
 
 
+def check_args(args):
+    """Flag combinations that cannot work, each refused in one line before any work."""
+    if not (args.benchmark or args.ckpt or args.onnx):
+        raise bisenet.SetupError('--ckpt is required (or --onnx FILE, or --benchmark for a '
+                                 'timing run)')
+    if args.ckpt and args.onnx:
+        raise bisenet.SetupError('--ckpt and --onnx exclude each other: give the model once')
+    if args.workers < 0:
+        raise bisenet.SetupError(f'--workers cannot be negative, not {args.workers}')
+    given = [flag for flag, value in (('--images', args.images), ('--video', args.video),
+                                      ('--export-onnx', args.export_onnx)) if value]
+    if len(given) > 1:
+        raise bisenet.SetupError(f'{" and ".join(given)} exclude each other: run once for each')
+    if args.scale and not (args.images or args.video or args.int8):
+        raise bisenet.SetupError('--scale applies to --images, --video and --int8 only (data '
+                                 'sets are evaluated at their own size)')
+    if args.scale and min(args.scale) <= 0:
+        raise bisenet.SetupError(f'--scale takes a positive width and height, not '
+                                 f'{args.scale[0]} {args.scale[1]}')
+    if args.export_onnx and not args.ckpt:
+        raise bisenet.SetupError('--export-onnx exports a checkpoint: give it with --ckpt')
+    if (args.calibrate or args.calibrate_count != 32) and not args.int8 or \
+            args.int8 and not args.export_onnx:
+        raise bisenet.SetupError('--int8 goes with --export-onnx, and --calibrate and '
+                                 '--calibrate-count with --int8')
+    if args.calibrate_count < 1:
+        raise bisenet.SetupError(f'--calibrate-count must be at least 1, not '
+                                 f'{args.calibrate_count}')
+    if args.onnx and (args.amp or args.compile or args.device not in ('auto', 'cpu')):
+        raise bisenet.SetupError('--onnx runs the file with onnxruntime on the CPU, in the '
+                                 'precision it was exported in: drop --amp, --compile and '
+                                 '--device')
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     runtime = None
     try:
-        if not args.benchmark and not args.ckpt:
-            raise bisenet.SetupError('--ckpt is required (or --benchmark for a timing run)')
-        if args.workers < 0:
-            raise bisenet.SetupError(f'--workers cannot be negative, not {args.workers}')
-        given = [flag for flag, value in (('--images', args.images), ('--video', args.video),
-                                          ('--export-onnx', args.export_onnx)) if value]
-        if len(given) > 1:
-            raise bisenet.SetupError(f'{" and ".join(given)} exclude each other: run once for '
-                                     f'each')
-        if args.scale and not (args.images or args.video):
-            raise bisenet.SetupError('--scale applies to --images and --video only (data sets '
-                                     'are evaluated at their own size)')
-        if args.scale and min(args.scale) <= 0:
-            raise bisenet.SetupError(f'--scale takes a positive width and height, not '
-                                     f'{args.scale[0]} {args.scale[1]}')
+        check_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         if args.export_onnx:
             return run_export(args)
-        runtime = bisenet.Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
+        runtime = bisenet.Runtime('cpu' if args.onnx else args.device, args.amp, args.amp_dtype,
+                                  args.device_list)
         if args.benchmark:
             return run_benchmark(args, runtime)
         if args.images or args.video:

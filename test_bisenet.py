@@ -6,6 +6,7 @@ The command-line tests run the scripts as users do (subprocesses, torchrun with 
 where the process is the point, and short trainings in this process (run_here) elsewhere.
 """
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -1413,6 +1414,96 @@ def test_onnx_export_matches_eval_label_maps(initial_checkpoint, tmp_path):
     assert result_image.size == (300, 200) and result_image.mode == 'P'
 
 
+def test_onnx_file_evaluates_as_its_checkpoint_and_int8_stays_close(data, initial_checkpoint,
+                                                                    tmp_path):
+    """eval.py --onnx runs the deployed file through the same evaluation: an fp32 export gives
+    the checkpoint's metric and label maps, its class names from the file; an int8 export
+    calibrated on the train split stays within 2 mIoU of it (label agreement >= 97%)."""
+    pytest.importorskip('onnxruntime')
+    onnx = pytest.importorskip('onnx')
+    model = bisenet.model_from_checkpoint(initial_checkpoint).eval()
+    model.classes = tuple(f'class {i}' for i in range(19))         # names the file must carry
+    evaluation.export_onnx(model, tmp_path / 'fp32.onnx', check_sizes=((64, 128),),
+                           log=lambda line: None)
+    torch.save({'model': model.state_dict(), 'meta': {'dataset_meta': {
+        'classes': model.classes, 'palette': model.palette}}}, tmp_path / 'named.pth')
+    evaluated = {}
+    for flag, source in (('--ckpt', 'named.pth'), ('--onnx', 'fp32.onnx')):
+        result = run_here(evaluation, flag, tmp_path / source, '--data-path', data,
+                          '--device', 'cpu', '--workers', 0, '--json', tmp_path / f'{source}.json',
+                          '--out-dir', tmp_path / flag, check=True)
+        evaluated[flag] = json.loads((tmp_path / f'{source}.json').read_text())
+    assert evaluated['--onnx'] == evaluated['--ckpt'] and 'ONNX fp32' in result.stdout
+    deployed = evaluation.OnnxModel(tmp_path / 'fp32.onnx')
+    assert (deployed.classes, deployed.palette) == (model.classes, model.palette)
+    for label in (tmp_path / '--ckpt').rglob('*.png'):
+        other = tmp_path / '--onnx' / label.relative_to(tmp_path / '--ckpt')
+        assert np.array_equal(np.array(Image.open(label)), np.array(Image.open(other)))
+    train = bisenet.SegmentationDataset(data, 'train')
+    images = [np.array(train[i][0])[None] for i in range(len(train))]
+    lines = []
+    agreement = evaluation.export_int8(model, tmp_path / 'int8.onnx', images[:6], images[6:],
+                                       log=lines.append)
+    assert agreement >= 0.97 and 'held-out' in lines[-2] and 'x the fast path' in lines[-1]
+    nodes = onnx.load(str(tmp_path / 'int8.onnx')).graph.node
+    dequantized = {output for node in nodes if node.op_type == 'DequantizeLinear'
+                   for output in node.output}
+    convs = [node for node in nodes if node.op_type == 'Conv']
+    assert convs and all(set(conv.input[:2]) <= dequantized for conv in convs)   # int8 in, int8 w
+    run_here(evaluation, '--onnx', tmp_path / 'int8.onnx', '--data-path', data, '--workers', 0,
+             '--json', tmp_path / 'int8.json', check=True)
+    int8 = json.loads((tmp_path / 'int8.json').read_text())
+    assert abs(int8['mIoU'] - evaluated['--ckpt']['mIoU']) <= 2.0, (int8, evaluated)
+    lines = []
+    evaluation.benchmark_onnx(evaluation.OnnxModel(tmp_path / 'int8.onnx'), size=(64, 128),
+                              warmup=1, rounds=2, log=lines.append)
+    assert 'ONNX int8' in lines[0] and lines[-1].startswith('FPS: ')
+
+
+def test_onnx_file_with_logits_segments_images_as_its_checkpoint(own_images, initial_checkpoint,
+                                                                 tmp_path):
+    """A file with logits takes the --images path's rescale, scores resized before the argmax,
+    and the int8 export's command line calibrates on a folder, rescaled as --images does."""
+    pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnx')
+    model = bisenet.model_from_checkpoint(initial_checkpoint).eval()
+    evaluation.export_onnx(model, tmp_path / 'm.onnx', logits=True, check_sizes=((64, 128),),
+                           log=lambda line: None)
+    for flag, source in (('--ckpt', initial_checkpoint), ('--onnx', tmp_path / 'm.onnx')):
+        run_here(evaluation, flag, source, '--images', own_images / 'street.png',
+                 own_images / 'sub', '--scale', 256, 128, '--workers', 0,
+                 '--out-dir', tmp_path / flag, check=True)
+    for label in (tmp_path / '--ckpt').rglob('*.png'):
+        other = np.array(Image.open(tmp_path / '--onnx' / label.relative_to(tmp_path / '--ckpt')))
+        assert (np.array(Image.open(label)) == other).mean() > 0.999, label
+    result = run_here(evaluation, '--ckpt', initial_checkpoint, '--export-onnx',
+                      tmp_path / 'i8.onnx', '--int8', '--calibrate', own_images,
+                      '--calibrate-count', 3, '--scale', 128, 64, check=True)
+    # Seven files: the first, fourth and last to calibrate on, the other four held out, of
+    # which broken.png is named and skipped.
+    skipped = result.stderr.strip().splitlines()
+    assert len(skipped) == 1 and skipped[0].startswith(f'skipped {own_images / "broken.png"}')
+    assert 'calibrating the int8 model on 3 images' in result.stdout
+    assert 'of 3 held-out images' in result.stdout and (tmp_path / 'i8.onnx').is_file()
+
+
+def test_onnx_flags_that_cannot_work_are_one_line(checkpoint, tmp_path, monkeypatch):
+    (tmp_path / 'not.onnx').write_bytes(b'not an onnx file')
+    cases = [(('--onnx', tmp_path / 'not.onnx'), 'cannot load'),
+             (('--onnx', tmp_path / 'not.onnx', '--ckpt', checkpoint), 'exclude each other'),
+             (('--ckpt', checkpoint, '--int8'), '--int8 goes with --export-onnx'),
+             (('--onnx', tmp_path / 'not.onnx', '--amp'), 'drop --amp'),
+             (('--ckpt', checkpoint, '--export-onnx', tmp_path / 'i8.onnx', '--int8',
+               '--data-path', tmp_path / 'nothing'), 'calibrates on --calibrate DIR')]
+    if importlib.util.find_spec('onnxruntime') is None:
+        cases = cases[1:-1]
+    for args, words in cases:
+        assert_one_line_error(run_here(evaluation, *args), words)
+    monkeypatch.setitem(sys.modules, 'onnxruntime', None)
+    assert_one_line_error(run_here(evaluation, '--onnx', tmp_path / 'not.onnx'),
+                          'pip install onnx onnxruntime')
+
+
 def test_onnx_export_without_onnx_names_the_package(checkpoint, tmp_path):
     (tmp_path / 'onnx.py').write_text('raise ImportError("no onnx here")\n')
     env = dict(ENV, PYTHONPATH=f'{tmp_path}{os.pathsep}{HERE}')
@@ -1478,8 +1569,8 @@ def test_video_frames_are_the_images_label_maps_at_the_inputs_size_rate_and_soun
         videos, initial_checkpoint, tmp_path):
     """Two processes share the files; each frame's label map is what --images gives for that
     frame as a PNG, and the overlay video has the input's frames, size, rate, length and sound."""
-    result = torchrun('eval.py', '--ckpt', initial_checkpoint, '--video', videos, '--device', 'cpu',
-                      '--scale', 256, 128, '--out-dir', tmp_path / 'labels',
+    result = torchrun('eval.py', '--ckpt', initial_checkpoint, '--video', videos, '--device',
+                      'cpu', '--scale', 256, 128, '--out-dir', tmp_path / 'labels',
                       '--show-dir', tmp_path / 'show')
     assert 'the model alone at' in result.stdout.strip().splitlines()[-1]
     for name, video in (('odd.mkv', 'odd.mkv.mp4'), ('street', 'street.mp4')):
@@ -1537,7 +1628,7 @@ def test_video_without_pyav_names_the_package_before_any_work(checkpoint, tmp_pa
                     '--images', tmp_path)
     assert_one_line_error(both, '--images and --video exclude each other')
     scale = run_here(evaluation, '--ckpt', checkpoint, '--scale', 512, 256)
-    assert_one_line_error(scale, '--scale applies to --images and --video only')
+    assert_one_line_error(scale, '--scale applies to --images, --video and --int8 only')
 
 
 # ----------------------------------------------------------------------------------------------
