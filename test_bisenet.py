@@ -1415,7 +1415,7 @@ def test_onnx_export_matches_eval_label_maps(initial_checkpoint, tmp_path):
 
 
 def test_onnx_file_evaluates_as_its_checkpoint_and_int8_stays_close(data, initial_checkpoint,
-                                                                    tmp_path):
+                                                                    tmp_path, monkeypatch):
     """eval.py --onnx runs the deployed file through the same evaluation: an fp32 export gives
     the checkpoint's metric and label maps, its class names from the file; an int8 export
     calibrated on the train split stays within 2 mIoU of it (label agreement >= 97%)."""
@@ -1458,6 +1458,9 @@ def test_onnx_file_evaluates_as_its_checkpoint_and_int8_stays_close(data, initia
     evaluation.benchmark_onnx(evaluation.OnnxModel(tmp_path / 'int8.onnx'), size=(64, 128),
                               warmup=1, rounds=2, log=lines.append)
     assert 'ONNX int8' in lines[0] and lines[-1].startswith('FPS: ')
+    monkeypatch.setattr(bisenet, 'cpu_has_int8_dot', lambda: False)
+    evaluation.export_int8(model, tmp_path / 'again.onnx', images[:1], log=lines.append)
+    assert lines[-1].startswith('this CPU has no int8 dot-product instructions')
 
 
 def test_onnx_file_with_logits_segments_images_as_its_checkpoint(own_images, initial_checkpoint,
@@ -1519,24 +1522,29 @@ def test_onnx_export_without_onnx_names_the_package(checkpoint, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def make_video(path, size, count, rate, audio=True, seed=0):
+def make_video(path, size, count, rate, audio=True, seed=0, video=True):
     """A video of `count` synthetic street scenes of `size` (w, h) at `rate` frames/s, H.264 (4:4:4
-    where the size is odd), with a second of 440 Hz AAC per second of video if `audio`."""
+    where the size is odd), with a second of 440 Hz AAC per second of video if `audio`; the
+    sound alone without `video`."""
     av = pytest.importorskip('av')
     import fractions
     rng = np.random.default_rng(seed)
     with av.open(str(path), 'w') as container:
-        video = container.add_stream('libx264', rate=fractions.Fraction(rate))
-        video.width, video.height = size
-        video.pix_fmt = 'yuv420p' if size[0] % 2 == 0 and size[1] % 2 == 0 else 'yuv444p'
         sound = container.add_stream('aac', rate=22050) if audio else None
+        if not video:
+            count = 0
+        video = container.add_stream('libx264', rate=fractions.Fraction(rate)) if video else None
+        if video is not None:
+            video.width, video.height = size
+            video.pix_fmt = 'yuv420p' if size[0] % 2 == 0 and size[1] % 2 == 0 else 'yuv444p'
         for i in range(count):
             frame = av.VideoFrame.from_ndarray(bisenet.synthetic_scene(rng, size)[0], 'rgb24')
             frame.pts = i
             container.mux(video.encode(frame))
-        container.mux(video.encode())
+        if video is not None:
+            container.mux(video.encode())
         if sound is not None:
-            t = np.arange(int(22050 * count / float(fractions.Fraction(rate))))
+            t = np.arange(int(22050 * max(count, 10) / float(fractions.Fraction(rate))))
             samples = (0.2 * np.sin(2 * np.pi * 440 * t / 22050)).astype(np.float32)[None]
             frame = av.AudioFrame.from_ndarray(samples, format='fltp', layout='mono')
             frame.sample_rate, frame.pts = 22050, 0
@@ -1602,14 +1610,16 @@ def test_video_broken_and_cut_off_files_are_named_and_the_rest_written(
     (tmp_path / 'cut.mkv').write_bytes(whole[:len(whole) // 2])
     (tmp_path / 'broken.mp4').write_bytes(b'\x00\x00\x00\x18ftypmp42 but nothing after it')
     (tmp_path / 'long.mkv').unlink()
+    make_video(tmp_path / 'sound.mkv', (64, 48), 10, 10, video=False)
     shutil.copy(videos / 'street.mp4', tmp_path / 'street.mp4')
     result = run_here(evaluation, '--ckpt', initial_checkpoint, '--video', tmp_path / '*.m*',
                       '--device', 'cpu', '--scale', 128, 64, '--out-dir', tmp_path / 'labels')
     errors = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(errors) == 3, result.stderr
+    assert result.returncode == 1 and len(errors) == 4, result.stderr
     assert errors[0].startswith(f'skipped {tmp_path / "broken.mp4"}: FFmpeg cannot open it')
     assert errors[1].startswith(f'cut short {tmp_path / "cut.mkv"}: it breaks off after')
-    assert errors[2] == 'error: 2 of the videos could not be read in full (named above); the ' \
+    assert errors[2] == f'skipped {tmp_path / "sound.mkv"}: it holds no video stream'
+    assert errors[3] == 'error: 3 of the videos could not be read in full (named above); the ' \
                         'others were written'
     kept = len(list((tmp_path / 'labels' / 'cut.mkv').glob('*.png')))
     assert 0 < kept < 30 and f'after {kept} frames' in errors[1]
