@@ -26,6 +26,7 @@ torch.load(weights_only=True), and are what eval.py --ckpt reads.
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -463,6 +464,10 @@ class StopRequest:
             if signum == signal.SIGINT:
                 sys.stdout.flush()
                 os.write(sys.stderr.fileno(), (interrupted(self.args) + '\n').encode())
+                # The data workers too: in process groups of their own, they would live on for
+                # seconds, until they noticed, holding the terminal's or a pipe's output open.
+                for child in multiprocessing.active_children():
+                    child.kill()
                 os._exit(130)                       # the shell's status for SIGINT
             return
         # Whatever `done` this sees (the step under way, or a sync point already passed), the
