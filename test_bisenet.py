@@ -1,6 +1,6 @@
 """Tests of BiSeNetV1, its data pipeline, eval.py and train.py: real code paths on tiny inputs.
 
-    python -m pytest -q test_bisenet.py          # about 3.5 minutes on 2 CPU cores
+    python -m pytest -q test_bisenet.py          # about 4 minutes on 2 CPU cores
 
 The command-line tests run the scripts as users do (subprocesses, torchrun with gloo on CPU)
 where the process is the point, and short trainings in this process (run_here) elsewhere.
