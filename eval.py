@@ -987,14 +987,16 @@ class OnnxModel:
                                           f'{bisenet.one_line(e)[:200]}') from None
         meta = self.session.get_modelmeta().custom_metadata_map
         inputs, outputs = self.session.get_inputs(), [o.name for o in self.session.get_outputs()]
-        if 'classes' not in meta or [i.name for i in inputs] != ['image'] \
+        try:
+            names, palette = json.loads(meta['classes']), json.loads(meta.get('palette', 'null'))
+        except (KeyError, ValueError):
+            names = palette = None
+        if not isinstance(names, list) or [i.name for i in inputs] != ['image'] \
                 or 'labels' not in outputs:
             raise bisenet.CheckpointError(f'{path} is no BiSeNetV1 export with its classes '
                                           f'(image -> labels, metadata "classes"): export it '
                                           f'with eval.py --export-onnx')
-        self.classes, self.palette = bisenet.class_meta(
-            len(json.loads(meta['classes'])), json.loads(meta['classes']),
-            json.loads(meta.get('palette', 'null')))
+        self.classes, self.palette = bisenet.class_meta(len(names), names, palette)
         self.num_classes, self.logits = len(self.classes), 'logits' in outputs
         self.threads = threads or bisenet.all_cores()
         self.path, self.backbone_name = path, f'ONNX {meta.get("precision", "")}'.strip()
@@ -1006,8 +1008,8 @@ class OnnxModel:
         return self
 
     def __call__(self, x):
-        image = (x.float() * bisenet.device_constants(x.device)['std']
-                 + bisenet.device_constants(x.device)['mean']).round_().clamp_(0, 255)
+        constants = bisenet.device_constants(x.device)         # normalize(), undone
+        image = (x.float() * constants['std'] + constants['mean']).round_().clamp_(0, 255)
         image = np.ascontiguousarray(image.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
         if self.logits:
             return torch.from_numpy(self.session.run(['logits'], {'image': image})[0])

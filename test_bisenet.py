@@ -1436,6 +1436,11 @@ def test_onnx_file_evaluates_as_its_checkpoint_and_int8_stays_close(data, initia
     assert evaluated['--onnx'] == evaluated['--ckpt'] and 'ONNX fp32' in result.stdout
     deployed = evaluation.OnnxModel(tmp_path / 'fp32.onnx')
     assert (deployed.classes, deployed.palette) == (model.classes, model.palette)
+    nameless = onnx.load(str(tmp_path / 'fp32.onnx'))
+    del nameless.metadata_props[:]
+    onnx.save(nameless, str(tmp_path / 'nameless.onnx'))
+    assert_one_line_error(run_here(evaluation, '--onnx', tmp_path / 'nameless.onnx', '--data-path',
+                                   data), 'no BiSeNetV1 export with its classes')
     for label in (tmp_path / '--ckpt').rglob('*.png'):
         other = tmp_path / '--onnx' / label.relative_to(tmp_path / '--ckpt')
         assert np.array_equal(np.array(Image.open(label)), np.array(Image.open(other)))
