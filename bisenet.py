@@ -1197,6 +1197,11 @@ def look_at(layout, sample):
         return None, e.counts, (str(e), e.kind, e.bad, sample.label)
 
 
+def spread(count, limit):
+    """At most `limit` of the indices 0 .. count - 1, evenly spread over them, sorted."""
+    return sorted(set(np.linspace(0, count - 1, min(limit, count)).round().astype(int).tolist()))
+
+
 def survey(layout, split, samples, limit=None, processes=1):
     """Look at the labels of a split's samples (all of them, or `limit` spread over the split)
     in `processes` processes, as `python bisenet.py --check-data` and train.py do. Returns a
@@ -1207,8 +1212,7 @@ def survey(layout, split, samples, limit=None, processes=1):
     problems) and 'warnings' (what can be trained on, but is likely wrong)."""
     count = len(samples)
     if limit is not None and limit < count:
-        samples = [samples[i] for i in sorted(set(np.linspace(0, count - 1, limit).round()
-                                                  .astype(int).tolist()))]
+        samples = [samples[i] for i in spread(count, limit)]
     work = functools.partial(look_at, layout)
     if processes > 1 and len(samples) > 1:
         methods = multiprocessing.get_all_start_methods()

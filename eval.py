@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)     # the reference's multi-scale test
+CALIBRATION_IMAGES = 32                             # --int8's default: a few dozen suffice
 SLIDE_WINDOW, SLIDE_STRIDE = (1024, 1024), (768, 768)
 
 
@@ -66,9 +67,9 @@ def get_args_parser():
     parser.add_argument('--video', nargs='+', metavar='PATH', help='segment these video files '
                         '(mp4, mkv, mov, avi, webm, ...; folders and globs too) frame by frame; '
                         'needs PyAV (pip install av)')
-    parser.add_argument('--scale', type=int, nargs=2, metavar=('W', 'H'), help='with --images or '
-                        '--video: rescale to fit W x H, keeping the aspect ratio (default the '
-                        'reference\'s 2048 1024; smaller is faster)')
+    parser.add_argument('--scale', type=int, nargs=2, metavar=('W', 'H'), help='with --images, '
+                        '--video or --int8 --calibrate: rescale to fit W x H, keeping the aspect '
+                        'ratio (default the reference\'s 2048 1024; smaller is faster)')
     parser.add_argument('--onnx', metavar='FILE', help='an exported ONNX file in place of '
                         '--ckpt: evaluation, --images, --video and --benchmark run it with '
                         'onnxruntime on the CPU')
@@ -80,8 +81,8 @@ def get_args_parser():
                         '(QDQ, per-channel weights), calibrated on images')
     parser.add_argument('--calibrate', metavar='DIR', help='with --int8: calibrate on images '
                         'here (a folder or glob); default the train split of --data-path')
-    parser.add_argument('--calibrate-count', type=int, default=32, metavar='N',
-                        help='with --int8: how many images to calibrate on (default 32)')
+    parser.add_argument('--calibrate-count', type=int, metavar='N', help='with --int8: how many '
+                        f'images to calibrate on (default {CALIBRATION_IMAGES})')
     parser.add_argument('--threads', type=int, help='CPU threads of PyTorch and onnxruntime '
                         '(default all cores)')
     parser.add_argument('--split', default='val')
@@ -1087,12 +1088,6 @@ def load_model(args, runtime):
                                  runtime, args.compile)
 
 
-def spread(count, limit):
-    """At most `limit` indices of `count` items, evenly spread over them."""
-    return sorted(set(np.linspace(0, count - 1, min(limit, count)).round().astype(int).tolist())) \
-        if count else []
-
-
 def calibration_images(args):
     """--int8's images as inference sees them (uint8 (1, h, w, 3)): calibration
     (--calibrate-count of them, spread over --calibrate DIR or over the train split of
@@ -1100,21 +1095,23 @@ def calibration_images(args):
     rescaled to fit --scale as --images does, a data set's kept at their size as evaluation
     does (unless --scale is given)."""
     scale = tuple(args.scale or TEST_SCALE) if args.calibrate or args.scale else None
+    count = args.calibrate_count or CALIBRATION_IMAGES
     if args.calibrate:
         paths = find_images([args.calibrate], '--calibrate')
-        chosen = spread(len(paths), args.calibrate_count)
+        chosen = bisenet.spread(len(paths), count)
         rest = [path for i, path in enumerate(paths) if i not in chosen]
-        calibration, held_out = [paths[i] for i in chosen], [rest[i] for i in spread(len(rest), 8)]
+        calibration = [paths[i] for i in chosen]
+        held_out = [rest[i] for i in bisenet.spread(len(rest), 8)]
     else:
         try:
             train = bisenet.SegmentationDataset(args.data_path, 'train')
         except bisenet.DatasetError as e:
             raise bisenet.SetupError(f'--int8 calibrates on --calibrate DIR, or on the train '
                                      f'split of --data-path, which cannot be read: {e}') from None
-        calibration = [train.samples[i].image for i in spread(len(train), args.calibrate_count)]
+        calibration = [train.samples[i].image for i in bisenet.spread(len(train), count)]
         try:
             val = bisenet.SegmentationDataset(args.data_path, 'val')
-            held_out = [val.samples[i].image for i in spread(len(val), 8)]
+            held_out = [val.samples[i].image for i in bisenet.spread(len(val), 8)]
         except bisenet.DatasetError:
             held_out = []
 
@@ -1256,11 +1253,11 @@ def check_args(args):
                                  f'{args.scale[0]} {args.scale[1]}')
     if args.export_onnx and not args.ckpt:
         raise bisenet.SetupError('--export-onnx exports a checkpoint: give it with --ckpt')
-    if (args.calibrate or args.calibrate_count != 32) and not args.int8 or \
+    if (args.calibrate or args.calibrate_count is not None) and not args.int8 or \
             args.int8 and not args.export_onnx:
         raise bisenet.SetupError('--int8 goes with --export-onnx, and --calibrate and '
                                  '--calibrate-count with --int8')
-    if args.calibrate_count < 1:
+    if args.calibrate_count is not None and args.calibrate_count < 1:
         raise bisenet.SetupError(f'--calibrate-count must be at least 1, not '
                                  f'{args.calibrate_count}')
     if args.onnx and (args.amp or args.compile or args.device not in ('auto', 'cpu')):
