@@ -1787,6 +1787,37 @@ def import_torch_npu():
         return None
 
 
+def torch_version():
+    """(major, minor) of the installed torch."""
+    return tuple(int(n) for n in re.match(r'(\d+)\.(\d+)', torch.__version__).groups())
+
+
+def npu_saturates():
+    """Whether this NPU computes fp16 in saturation mode (910A: an overflow gives the largest
+    finite value, not inf). Ask after set_device: it initialises torch_npu's runtime."""
+    supports_inf_nan = getattr(torch.npu.utils, 'is_support_inf_nan', None)
+    return supports_inf_nan is not None and not supports_inf_nan()
+
+
+def fused_sgd_available():
+    """Whether this torch has a fused SGD (2.3 on; not 2.1-2.2)."""
+    return 'fused' in inspect.signature(torch.optim.SGD).parameters
+
+
+def sgd(parameters, fused=False, **kwargs):
+    """torch.optim.SGD with its momentum buffers made now, at zero, rather than at the first
+    step: the same arithmetic (0.9 x 0 + g = g), and a first step skipped for an fp16
+    overflow leaves them at zero. torch's fused kernel makes them with empty_like at the
+    first step and returns early on an overflow, leaving them uninitialised."""
+    optimizer = torch.optim.SGD(parameters, **(dict(kwargs, fused=True) if fused else kwargs))
+    for group in optimizer.param_groups:
+        if group['momentum']:
+            for parameter in group['params']:
+                optimizer.state[parameter]['momentum_buffer'] = torch.zeros_like(
+                    parameter, memory_format=torch.preserve_format)
+    return optimizer
+
+
 def init_worker(worker_id=None):
     """A DataLoader worker's worker_init_fn. The worker gets a process group of its own, so
     that a signal to the trainer's group (Ctrl-C in a terminal, torchrun's or a scheduler's
@@ -1831,11 +1862,6 @@ class Runtime:
         if amp and device == 'cpu' and not cpu_has_bf16():
             raise SetupError('--amp-dtype bf16: this CPU has no bfloat16 units (AVX512-BF16, '
                              'AMX or Arm BF16); run in fp32 (drop --amp)')
-        if amp and device != 'cpu' and amp_dtype == 'bf16' \
-                and not getattr(torch, device).is_bf16_supported():
-            # Autocast would warn and run in fp32, or fail at the first forward pass.
-            raise SetupError(f'--amp-dtype bf16: this {device} device has no bfloat16 support '
-                             f'(Atlas training NPUs, GPUs before Ampere); use --amp-dtype fp16')
         index = self.local_rank
         if device_list:
             try:
@@ -1850,7 +1876,24 @@ class Runtime:
         if device == 'cpu':
             self.device = torch.device('cpu')
         else:
-            getattr(torch, device).set_device(index)     # before init_process_group
+            accelerator = getattr(torch, device)
+            count = accelerator.device_count()
+            processes = int(os.environ.get('LOCAL_WORLD_SIZE', 1))     # torchrun's, per host
+            if device_list and index >= count:
+                raise SetupError(f'--device_list {device_list} names {device} device {index}, '
+                                 f'but this host shows {count} {device} device(s)')
+            if not device_list and processes > count:
+                raise SetupError(f'{processes} processes on this host need {processes} {device} '
+                                 f'devices, but it shows {count}: start at most {count} '
+                                 f'(torchrun --nproc_per_node={count})')
+            # First, before any other question to torch_npu: one that initialises its runtime
+            # (is_bf16_supported, get_device_name, ...) would open a context on device 0.
+            accelerator.set_device(index)                 # and before init_process_group
+            if amp and amp_dtype == 'bf16' and not accelerator.is_bf16_supported():
+                # Autocast would warn and run in fp32, or fail at the first forward pass.
+                raise SetupError(f'--amp-dtype bf16: this {device} device has no bfloat16 '
+                                 f'support (Atlas training NPUs, GPUs before Ampere); use '
+                                 f'--amp-dtype fp16')
             self.device = torch.device(device, index)
         self.type = device
         if device == 'cuda':
@@ -1890,16 +1933,52 @@ class Runtime:
 
     def grad_scaler(self, loss_scale=-1.0):
         """The fp16 GradScaler (disabled in fp32 and bf16). -1: dynamic. A number: start there
-        and never grow; halve on overflow (on NPU: a true static scale, as apex's was)."""
+        and never grow; halve on overflow (on NPU: a true static scale, as apex's was). On NPU
+        the dynamic scale is torch.amp's where this torch has it (2.3 on) and the NPU computes
+        with inf and NaN (910B on): it waits for the device once a step, torch_npu's own three
+        times; 910A's saturation mode needs torch_npu's, which reads its overflow flags."""
         mode = self.loss_scaling(loss_scale)
         kwargs = {} if loss_scale <= 0 else dict(init_scale=loss_scale, growth_interval=2 ** 30)
-        if self.type == 'npu':
-            if mode == 'static':
-                return torch.npu.amp.GradScaler(init_scale=loss_scale, dynamic=False)
+        if mode == 'static':
+            return torch.npu.amp.GradScaler(init_scale=loss_scale, dynamic=False)
+        if self.npu_scaler():
             return torch.npu.amp.GradScaler(enabled=mode != 'off', **kwargs)
         if hasattr(torch.amp, 'GradScaler'):                           # torch >= 2.3
             return torch.amp.GradScaler(self.type, enabled=mode != 'off', **kwargs)
         return torch.cuda.amp.GradScaler(enabled=mode != 'off', **kwargs)
+
+    def npu_scaler(self):
+        """Whether the dynamic scale is torch_npu's GradScaler (grad_scaler)."""
+        return self.type == 'npu' and not (hasattr(torch.amp, 'GradScaler')
+                                           and not npu_saturates())
+
+    def scale_of(self, scaler):
+        """The dynamic loss scale as a device tensor, copied without a wait, or None where the
+        scale is not dynamic: a step after which it is lower was skipped for an overflow."""
+        scale = getattr(scaler, '_scale', None)     # torch's and torch_npu's: made at scale()
+        return scale.detach().clone() if scaler.is_enabled() and scale is not None else None
+
+    def training_notes(self, loss_scale=-1.0):
+        """What a training run should say at its start about this device and precision: where
+        its step waits for the device, and on 910A that a fixed loss scale cannot see
+        overflows."""
+        waits, mode = [], self.loss_scaling(loss_scale)
+        if mode == 'dynamic' and self.npu_scaler():
+            waits.append('three times a step in torch_npu\'s fp16 GradScaler (it reads the '
+                         'overflow flag and its growth counter on the host)')
+        elif mode == 'dynamic' and not (self.type == 'cuda' and fused_sgd_available()):
+            waits.append('once a step in the fp16 GradScaler (it reads whether the gradients '
+                         'overflowed, to skip the step)')
+        if self.distributed and self.type != 'cpu':
+            waits.append('once per SyncBatchNorm layer (torch\'s SyncBatchNorm with several '
+                         'processes, pytorch/pytorch#78656; torch_npu\'s too)')
+        notes = [f'note: the host waits for the device {"; and ".join(waits)}'] if waits else []
+        if mode == 'static' and npu_saturates():
+            notes.append('note: this NPU (910A) computes fp16 in saturation mode: an overflow '
+                         'gives the largest finite value, not inf, so the fixed --loss-scale '
+                         'cannot be checked; the dynamic scale (--loss-scale -1) reads the '
+                         'overflow flags')
+        return notes
 
     def load_grad_scaler(self, scaler, state, loss_scale=-1.0):
         """Continue a checkpoint's loss scale if it was saved in this run's mode; None if so,
@@ -1922,20 +2001,19 @@ class Runtime:
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def sgd(self, parameters, **kwargs):
-        """torch.optim.SGD, fused into one kernel on CUDA where this torch has it (not 2.1-2.2):
+        """SGD (sgd()), fused into one kernel on CUDA where this torch has it (not 2.1-2.2):
         faster, and under a GradScaler it needs no host sync (the unfused step reads the
         overflow flag on the host). NPU has no fused kernel; CPU keeps the default."""
-        if self.type == 'cuda' and 'fused' in inspect.signature(torch.optim.SGD).parameters:
-            kwargs['fused'] = True
-        return torch.optim.SGD(parameters, **kwargs)
+        return sgd(parameters, fused=self.type == 'cuda' and fused_sgd_available(), **kwargs)
 
     def loader_options(self):
         """DataLoader arguments: batches pinned on an accelerator, so that copies to it do not
-        block (before torch.accelerator, 2.6, the DataLoader pins for CUDA only unless told the
-        device; without pinning torch_npu even synchronises the stream at each copy), and
-        workers in a process group of their own (init_worker)."""
+        block (without pinning torch_npu even synchronises the stream at each copy), and
+        workers in a process group of their own (init_worker). Before torch 2.8 the DataLoader
+        pins for CUDA unless told the device; from 2.9 it pins for the current accelerator and
+        warns that pin_memory_device is deprecated."""
         options = {'pin_memory': self.type != 'cpu', 'worker_init_fn': init_worker}
-        if self.type == 'npu' and not hasattr(torch, 'accelerator'):
+        if self.type == 'npu' and torch_version() < (2, 9):
             options['pin_memory_device'] = 'npu'
         return options
 
@@ -1946,10 +2024,11 @@ class Runtime:
             torch.cuda.set_sync_debug_mode('error' if forbid else 'default')
 
     def sync_batchnorm(self, module):
-        """`module` with SyncBatchNorm for its BatchNorms on an accelerator, where several
-        processes share the statistics; unchanged on CPU, where SyncBatchNorm has no kernel
-        (and with one process it would act as BatchNorm anyway)."""
-        if self.type == 'cpu':
+        """`module` with SyncBatchNorm for its BatchNorms where several processes on
+        accelerators share the statistics; unchanged in one process (torch_npu 2.1.0.post6 to
+        post11's SyncBatchNorm fails there without a process group) and on CPU, where
+        SyncBatchNorm has no kernel."""
+        if self.type == 'cpu' or not self.distributed:
             return module
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
 

@@ -123,10 +123,13 @@ def get_args_parser():
 
 def confusion(pred, label, num_classes, ignore_index=bisenet.IGNORE_INDEX):
     """(num_classes, num_classes) counts of (label, pred) pairs; ignored pixels dropped.
-    Static shapes (no boolean indexing), so it stays on the accelerator."""
+    Static shapes, and counts added into a tensor of a fixed size (bincount would read the
+    largest index on the host): the host never waits for the device here."""
     valid = label != ignore_index
     index = torch.where(valid, label * num_classes + pred, torch.full_like(label, num_classes ** 2))
-    counts = torch.bincount(index.flatten(), minlength=num_classes ** 2 + 1)
+    index = index.flatten().long()
+    counts = torch.zeros(num_classes ** 2 + 1, dtype=torch.int64, device=index.device)
+    counts.index_add_(0, index, torch.ones_like(index))
     return counts[:num_classes ** 2].view(num_classes, num_classes)
 
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -2143,6 +2144,146 @@ def test_resume_in_another_precision_starts_a_fresh_loss_scale():
     assert scaler.loaded == [dict(cuda_fp16_state, dynamic=True)]            # key torch_npu needs
 
 
+class StandInAccelerator:
+    """A torch.npu that records its calls (every one answers `answers` or None)."""
+
+    def __init__(self, **answers):
+        self.calls, self.answers = [], answers
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return self.answers.get(name)
+        return call
+
+
+def npu_runtime(monkeypatch, npu, **kwargs):
+    """A Runtime on the stand-in NPU `npu` (torch.device cannot name an NPU without
+    torch_npu: it is stood in for while the Runtime is made)."""
+    monkeypatch.setattr(bisenet, 'import_torch_npu', lambda: npu)
+    monkeypatch.setattr(torch, 'npu', npu, raising=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, 'device', lambda kind, index=None: f'{kind}:{index}')
+        return bisenet.Runtime('npu', **kwargs)
+
+
+def test_the_runtime_asks_the_npu_nothing_before_set_device(monkeypatch):
+    """Every torch_npu question that initialises its runtime makes a context on device 0 when
+    no device is set yet: with 8 processes, 8 contexts on NPU 0."""
+    npu = StandInAccelerator(device_count=8, is_bf16_supported=True)
+    monkeypatch.setenv('LOCAL_RANK', '3')
+    runtime = npu_runtime(monkeypatch, npu, amp=True, amp_dtype='bf16')
+    assert runtime.device == 'npu:3' and runtime.precision == 'bf16'
+    first = npu.calls.index('set_device')
+    assert set(npu.calls[:first]) <= {'device_count', 'is_available'}, npu.calls
+    assert 'is_bf16_supported' in npu.calls[first:]
+
+
+def test_more_processes_than_devices_is_one_line_naming_both(monkeypatch):
+    npu = StandInAccelerator(device_count=1)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    with pytest.raises(bisenet.SetupError, match='2 processes on this host need 2 npu devices, '
+                                                 'but it shows 1: start at most 1'):
+        npu_runtime(monkeypatch, npu)
+    assert 'set_device' not in npu.calls
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')
+    with pytest.raises(bisenet.SetupError, match='--device_list 4 names npu device 4, but this '
+                                                 'host shows 1'):
+        npu_runtime(monkeypatch, npu, device_list='4')
+
+
+def test_what_waits_and_910a_saturation_mode_are_said_at_the_start(monkeypatch):
+    npu = StandInAccelerator(device_count=1)
+    npu.utils = types.SimpleNamespace(is_support_inf_nan=lambda: False)     # a 910A
+    runtime = npu_runtime(monkeypatch, npu, amp=True)
+    assert 'saturation mode' in ' '.join(runtime.training_notes(128))
+    assert "three times a step in torch_npu's fp16 GradScaler" in runtime.training_notes(-1)[0]
+    npu.utils.is_support_inf_nan = lambda: True                            # a 910B
+    assert not runtime.training_notes(128)                                 # static: no wait
+    if hasattr(torch.amp, 'GradScaler'):                                   # torch.amp's scaler
+        assert 'once a step in the fp16 GradScaler' in runtime.training_notes(-1)[0]
+
+
+def test_the_log_counts_the_steps_an_overflow_skipped():
+    window, losses = train.Window(1, 'cpu'), torch.ones(3)
+    for before, after in ((2.0 ** 16, 2.0 ** 15), (2.0 ** 15, 2.0 ** 15), (2.0 ** 15, 2.0 ** 16),
+                          (2.0 ** 16, 2.0 ** 15)):
+        window.add(losses, torch.tensor(before), torch.tensor(after))
+    window.add(torch.full((3,), float('inf')))
+    assert int(window.skipped) == 2 and int(window.nonfinite) == 1 and window.count == 5
+
+
+def test_one_process_on_an_accelerator_keeps_batchnorm_several_sync_it():
+    """torch_npu 2.1.0.post6-post11's SyncBatchNorm fails without a process group."""
+    runtime = bisenet.Runtime('cpu')
+    runtime.type = 'npu'                                  # as a one-NPU run has it
+    head = bisenet.FCNHead(8, 4, 3)
+    assert isinstance(runtime.sync_batchnorm(head).convs[0].bn, torch.nn.BatchNorm2d)
+    assert not isinstance(runtime.sync_batchnorm(head).convs[0].bn, torch.nn.SyncBatchNorm)
+    runtime.distributed = True
+    assert isinstance(runtime.sync_batchnorm(head).convs[0].bn, torch.nn.SyncBatchNorm)
+
+
+def test_batches_are_pinned_for_the_npu_on_every_torch(monkeypatch):
+    """Before torch 2.9 the DataLoader pins for CUDA unless told the device (2.6 and 2.7 too);
+    from 2.9 on it pins for the current accelerator and warns when told."""
+    runtime = bisenet.Runtime('cpu')
+    assert not runtime.loader_options()['pin_memory']
+    runtime.type = 'npu'
+    for version, told in (('2.1.0', True), ('2.6.0', True), ('2.8.0', True), ('2.9.0', False),
+                          ('2.13.0+cpu', False)):
+        monkeypatch.setattr(torch, '__version__', version)
+        options = runtime.loader_options()
+        assert options['pin_memory'] and (options.get('pin_memory_device') == 'npu') == told
+
+
+@pytest.mark.skipif(not (hasattr(torch.amp, 'GradScaler') and bisenet.fused_sgd_available()),
+                    reason='needs torch.amp.GradScaler and a fused SGD (torch >= 2.3)')
+def test_a_first_step_skipped_for_an_overflow_leaves_fused_sgd_as_unfused(monkeypatch):
+    """Fused SGD (on CUDA, and on CPU in torch >= 2.4) under a GradScaler: a first step whose
+    gradients overflow is skipped, and the next step gives the unfused step's weights. torch
+    makes the momentum buffers with empty_like at the first step and its fused kernel returns
+    early on an overflow: the next step would read uninitialised memory (NaN here)."""
+    def two_steps(fused):
+        runtime = bisenet.Runtime('cpu')
+        runtime.type = 'cuda' if fused else 'cpu'           # fused SGD is the CUDA runtime's
+        weight = torch.nn.Parameter(torch.ones(4096))
+        optimizer = runtime.sgd([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+        scaler = torch.amp.GradScaler('cpu')
+        for loss_factor in (float('inf'), 1.0):
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale((weight * loss_factor).sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        assert bool(optimizer.param_groups[0].get('fused')) == fused
+        return weight.detach(), scaler.get_scale()
+    try:
+        (fused, fused_scale), (unfused, scale) = two_steps(True), two_steps(False)
+    except RuntimeError as e:             # torch 2.3: a fused SGD for CUDA only
+        pytest.skip(f'no fused SGD on CPU here ({bisenet.one_line(e)[:60]})')
+    assert fused_scale == scale == 2.0 ** 15                # one skipped step: halved once
+    assert torch.isfinite(fused).all() and torch.equal(fused, unfused)
+    assert torch.allclose(unfused, torch.full((4096,), 1 - 0.1 * (1 + 5e-4)))
+
+
+def test_the_confusion_matrix_never_reads_the_device_and_equals_bincount():
+    """On the meta device nothing can be read on the host, so a confusion() that runs there
+    never makes the host wait for an accelerator (bincount would, twice per image)."""
+    assert evaluation.confusion(torch.zeros(1, 32, 48, dtype=torch.long, device='meta'),
+                                torch.zeros(1, 32, 48, dtype=torch.long, device='meta'),
+                                19).shape == (19, 19)
+    rng = np.random.default_rng(7)
+    for num_classes in (2, 19, 150):
+        label = rng.integers(0, num_classes, (2, 37, 53))
+        label[rng.random(label.shape) < 0.3] = 255
+        pred = rng.integers(0, num_classes, label.shape)
+        valid = label != 255
+        want = np.bincount(label[valid] * num_classes + pred[valid],
+                           minlength=num_classes ** 2).reshape(num_classes, num_classes)
+        got = evaluation.confusion(torch.from_numpy(pred), torch.from_numpy(label), num_classes)
+        assert got.dtype == torch.int64 and np.array_equal(got.numpy(), want)
+
+
 def test_torch_before_2_3_with_numpy_2_is_named_in_one_line():
     assert 'pip install "numpy<2"' in bisenet.numpy_problem('2.1.0+cpu', '2.0.1')
     assert 'torch 2.2.2 needs NumPy 1' in bisenet.numpy_problem('2.2.2', '2.1.0')
@@ -2368,6 +2509,25 @@ def test_cuda_training_amp_channels_last_syncbn_no_host_sync_then_resume(data, t
     state = torch.load(tmp_path / 'resumed' / 'latest.pth', weights_only=True)
     assert state['iteration'] == 20
     assert all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point())
+
+
+@requires_cuda
+def test_cuda_fp16_training_goes_on_after_first_steps_that_overflow(data, tmp_path):
+    """fp16 with fused SGD, from a loss scale of 2^40, at which the first steps' gradients
+    overflow: those steps are skipped and counted in the log, the weights stay finite, and the
+    steps after them train (fused SGD's momentum buffers start at zero, never uninitialised).
+    One process, with --sync-debug: a skipped step makes the host wait for nothing."""
+    run('train.py', '--device', 'cuda', '--amp', '--loss-scale', 2 ** 40, '--sync-debug',
+        '--data-path', data, '--crop-size', 128, '--batch-size', 4, '--workers', 2,
+        '--iters', 60, '--log-interval', 5, '--no-validate', '--work-dir', tmp_path, timeout=600)
+    log = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    skipped = [r['skipped_steps'] for r in log]
+    print(skipped, [r['loss_scale'] for r in log])    # the figures, for the record (-s)
+    assert skipped[0] == 5 and 5 < sum(skipped) < 60 and log[-1]['loss_scale'] < 2 ** 40
+    state = torch.load(tmp_path / 'latest.pth', weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point())
+    buffers = [s['momentum_buffer'] for s in state['optimizer']['state'].values()]
+    assert all(torch.isfinite(b).all() for b in buffers) and any(b.abs().sum() > 0 for b in buffers)
 
 
 @requires_cuda

@@ -618,25 +618,30 @@ def log_setup(args, runtime, images, num_classes, log):
         f'1e-4), {images} training images from {args.data_path}, {num_classes} classes')
     if global_batch != 16 and not args.demo:
         log('note: the reference recipe uses a global batch of 16 with lr 0.025')
+    for note in runtime.training_notes(args.loss_scale):
+        log(note)
     if args.sync_debug and runtime.type != 'cuda':
         log('note: --sync-debug checks CUDA devices only')
 
 
 class Window:
     """The iterations since the last log, on the device: each head's loss added up (a
-    non-finite loss is counted instead, since under a dynamic loss scale its step was skipped)
-    and the seconds spent waiting for data."""
+    non-finite loss is counted instead), the steps the dynamic fp16 loss scale skipped, and
+    the seconds spent waiting for data."""
 
     def __init__(self, first, device):
         self.first, self.start, self.data_time, self.count = first, time.time(), 0.0, 0
         self.losses = torch.zeros(3, device=device)
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
 
-    def add(self, losses):
+    def add(self, losses, scale_before=None, scale_after=None):
         losses = losses.detach()
         finite = losses.isfinite().all()
         self.losses += torch.where(finite, losses, torch.zeros_like(losses))
         self.nonfinite += ~finite
+        if scale_before is not None:            # an overflow skips the step and lowers the scale
+            self.skipped += scale_after < scale_before
         self.count += 1
 
 
@@ -722,8 +727,8 @@ def log_window(window, iteration, lr, scale, args, runtime, log):
     """Log the iterations of a window in one line; returns its record (metrics.jsonl and
     TensorBoard's train/ curves)."""
     step_time = (time.time() - window.start) / window.count
-    skipped = int(window.nonfinite)
-    head_losses = (window.losses / max(window.count - skipped, 1)).tolist()
+    skipped = int(window.skipped)
+    head_losses = (window.losses / max(window.count - int(window.nonfinite), 1)).tolist()
     global_batch = args.batch_size * runtime.world_size
     record = {'iter': iteration, 'lr': lr, 'loss': sum(head_losses),
               'loss_decode': head_losses[0], 'loss_aux8': head_losses[1],
@@ -856,9 +861,10 @@ def train(args, runtime, opened):
         losses = torch.stack(criterion(outputs, labels))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses.sum()).backward()
+        scale = runtime.scale_of(scaler)      # a step after which the scale is lower was skipped
         scaler.step(optimizer)
         scaler.update()
-        window.add(losses)
+        window.add(losses, scale, runtime.scale_of(scaler))
         iteration += 1
         stop.done = iteration
 
