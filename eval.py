@@ -113,6 +113,8 @@ def get_args_parser():
                         help='time inference at 1024 x 2048 on random input; no data needed')
     parser.add_argument('--backbone', choices=('resnet18', 'resnet50'), default='resnet18',
                         help='model for --benchmark without --ckpt')
+    parser.add_argument('--batch-size', type=int, default=1,
+                        help='with --benchmark: images per forward pass')
     return parser
 
 
@@ -256,8 +258,11 @@ class Progress:
 
 
 def colourize(train_ids, palette):
-    """Train ids (H, W) in the classes' colours; ignored and unknown ids black."""
-    return bisenet.lookup_table(palette)[train_ids]
+    """Train ids (H, W) in the classes' colours, uint8 (H, W, 3); ignored and unknown ids
+    black. Pillow's palette lookup: four times numpy's indexing, for a video's every frame."""
+    ids = Image.fromarray(np.asarray(train_ids, np.uint8), 'P')
+    ids.putpalette([v for colour in palette for v in colour])
+    return np.asarray(ids.convert('RGB'))
 
 
 def legend_font(size):
@@ -319,16 +324,23 @@ def picture(panels, captions, train_ids, classes, palette):
 
 
 def blend(rgb, train_ids, palette):
-    """The classes' colours over an image (uint8 (H, W, 3)) at half strength."""
-    return ((rgb.astype(np.uint16) + colourize(train_ids, palette)) >> 1).astype(np.uint8)
+    """The classes' colours over an image (uint8 (H, W, 3)) at half strength: (a + b) // 2,
+    in uint8 without overflow."""
+    colours = colourize(train_ids, palette)
+    return (rgb >> 1) + (colours >> 1) + (rgb & colours & 1)
 
 
-def overlay(pred, image, classes, palette):
+def overlay(pred, image, classes, palette, legends=None):
     """A video frame: the prediction over the image (uint8 (3, H, W)), and over its bottom the
-    legend of the classes present, where that takes at most a third of the frame."""
+    legend of the classes present, where that takes at most a third of the frame. `legends`
+    keeps the legends drawn, by the classes they show (frames mostly show the same ones)."""
     frame = Image.fromarray(blend(image.permute(1, 2, 0).numpy(), pred, palette))
-    present = np.flatnonzero(np.bincount(pred.ravel(), minlength=256))
-    key = legend(present, classes, palette, frame.width, max(11, frame.height // 40))
+    present = tuple(np.flatnonzero(np.bincount(pred.ravel(), minlength=256)))
+    legends = {} if legends is None else legends
+    if present not in legends:
+        legends[present] = legend(present, classes, palette, frame.width,
+                                  max(11, frame.height // 40))
+    key = legends[present]
     if key.height <= frame.height // 3:
         frame.paste(key.crop((0, 0, frame.width, key.height)), (0, frame.height - key.height))
     return frame
@@ -537,6 +549,7 @@ def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=
 VIDEO_SUFFIXES = ('.mp4', '.mkv', '.mov', '.avi', '.webm', '.m4v', '.mpg', '.mpeg', '.ts',
                   '.flv', '.wmv', '.3gp')
 MP4_AUDIO = ('aac', 'mp3', 'ac3', 'eac3', 'opus', 'alac', 'flac')    # what MP4 holds as it is
+STAGES = ('decoding', 'the model', 'drawing and encoding')        # each in a thread of its own
 
 
 def import_av():
@@ -549,11 +562,13 @@ def import_av():
     return av
 
 
-def read_ahead(items, depth=8):
+def read_ahead(items, depth=8, clock=None):
     """The items of the iterator `items`, made by a thread of its own up to `depth` ahead, so
     that decoding overlaps inference (FFmpeg and Pillow release the GIL); an error raised
-    there is raised here, after the items before it."""
+    there is raised here, after the items before it. The seconds spent making them add up in
+    clock[0]."""
     ahead, stop, end = queue.Queue(depth), threading.Event(), object()
+    clock = clock if clock is not None else [0.0]
 
     def offer(item):                    # False once the consumer has stopped taking items
         while not stop.is_set():
@@ -566,8 +581,14 @@ def read_ahead(items, depth=8):
 
     def produce():
         try:
-            if all(offer(item) for item in items):
-                offer(end)
+            made, start = iter(items), time.perf_counter()
+            for item in made:
+                clock[0] += time.perf_counter() - start
+                if not offer(item):
+                    return
+                start = time.perf_counter()
+            clock[0] += time.perf_counter() - start
+            offer(end)
         except BaseException as e:      # handed to the consumer, which raises it
             offer(e)
     thread = threading.Thread(target=produce, daemon=True)
@@ -610,6 +631,7 @@ class VideoOutputs:
         self.classes, self.palette = classes, palette
         self.label_ids = bisenet.cityscapes_label_ids(classes)
         self.path = self.container = self.audio = None
+        self.legends = {}
         if not show_dir:
             return
         self.path = Path(show_dir) / f'{name}.mp4'
@@ -644,7 +666,7 @@ class VideoOutputs:
                             None, self.classes, self.palette, label_ids=self.label_ids)
         if self.container is not None:
             frame = self.av.VideoFrame.from_image(overlay(pred, image, self.classes,
-                                                          self.palette))
+                                                          self.palette, self.legends))
             frame.pts, frame.time_base = self.timestamp(index, pts), self.time_base
             for packet in self.stream.encode(frame):
                 self.container.mux(packet)
@@ -692,40 +714,50 @@ def ended_early(container, video, frames, last_pts):
     return None
 
 
+def timed(clock, work, *args):
+    """work(*args), its seconds added to clock[0]."""
+    start = time.perf_counter()
+    try:
+        return work(*args)
+    finally:
+        clock[0] += time.perf_counter() - start
+
+
 @torch.no_grad()
 def segment_video(av, model, path, name, runtime, mode='whole', aug_test=False, out_dir=None,
                   show_dir=None, scale=TEST_SCALE, log=print):
     """Segment each frame of one video file (segment(), as --images does for an image): a
     thread decodes and rescales the frames ahead of the model, another draws and encodes the
-    outputs behind it. Returns (frames, seconds in all, seconds of the model alone, why the
-    file was skipped or cut short, or None)."""
+    outputs behind it. Returns (frames, seconds in all, the seconds of each stage (STAGES),
+    why the file was skipped or cut short, or None)."""
     av_error = getattr(av, 'FFmpegError', None) or av.AVError        # PyAV < 14: AVError
-    start = time.perf_counter()
+    start, clocks = time.perf_counter(), [[0.0] for _ in STAGES]
+    decoding, modelling, writing = clocks
     try:
         container = av.open(str(path))
     except (OSError, av_error) as e:
-        return 0, 0.0, 0.0, f'FFmpeg cannot open it ({getattr(e, "strerror", None) or e})'
+        return 0, 0.0, [0.0] * 3, f'FFmpeg cannot open it ({getattr(e, "strerror", None) or e})'
     with container, concurrent.futures.ThreadPoolExecutor(1) as writer:
         if not container.streams.video:
-            return 0, 0.0, 0.0, 'it holds no video stream'
+            return 0, 0.0, [0.0] * 3, 'it holds no video stream'
         video = container.streams.video[0]
         video.thread_type = 'AUTO'                       # FFmpeg's threads decode ahead
         audio = container.streams.audio[0] if container.streams.audio else None
         total = video.frames or int((container.duration or 0) / 1e6 * (video.average_rate or 0))
         outputs = VideoOutputs(av, video, audio, name, out_dir, show_dir, model.classes,
                                model.palette, log)
-        frames, model_time, pts, problem, pending = 0, 0.0, None, None, collections.deque()
+        frames, pts, problem, pending = 0, None, None, collections.deque()
         progress = Progress(f'[video] {name}', total, None, log, unit='frames')
         try:
-            for item in read_ahead(decoded_frames(av, container, video, audio, scale)):
+            for item in read_ahead(decoded_frames(av, container, video, audio, scale),
+                                   clock=decoding):
                 if not isinstance(item, tuple):                       # audio, copied
                     pending.append(writer.submit(outputs.copy_audio, item))
                     continue
                 pts, image, small = item
-                begin = time.perf_counter()
-                pred = segment(model, image, small, runtime, mode, aug_test)
-                model_time += time.perf_counter() - begin
-                pending.append(writer.submit(outputs.frame, frames, pts, pred, image))
+                pred = timed(modelling, segment, model, image, small, runtime, mode, aug_test)
+                pending.append(writer.submit(timed, writing, outputs.frame, frames, pts, pred,
+                                             image))
                 frames += 1
                 while len(pending) > 8:                   # the writer at most 8 items behind
                     pending.popleft().result()
@@ -735,12 +767,12 @@ def segment_video(av, model, path, name, runtime, mode='whole', aug_test=False, 
                        f'({getattr(e, "strerror", None) or e})')
         for done in pending:
             done.result()
-        outputs.close()
+        timed(writing, outputs.close)                   # the encoder's last frames
         problem = problem or (ended_early(container, video, frames, pts) if frames
                               else 'no frame could be decoded')
     if problem and frames:
         problem += '; those were written'
-    return frames, time.perf_counter() - start, model_time, problem
+    return frames, time.perf_counter() - start, [clock[0] for clock in clocks], problem
 
 
 def segment_videos(av, model, paths, runtime, mode='whole', aug_test=False, out_dir=None,
@@ -748,21 +780,25 @@ def segment_videos(av, model, paths, runtime, mode='whole', aug_test=False, out_
     """Segment the video files of this process's shard (segment_video); returns the files
     that could not be read, or not to their end."""
     names = [name[:-len('.mp4')] for name in output_names(paths, '.mp4')]
-    failed, frames, seconds, model_seconds = [], 0, 0.0, 0.0
+    failed, frames, seconds, stages = [], 0, 0.0, np.zeros(len(STAGES))
     for index in runtime.shard(len(paths)):
-        count, wall, alone, problem = segment_video(av, model, paths[index], names[index],
-                                                    runtime, mode, aug_test, out_dir, show_dir,
-                                                    scale, log)
+        count, wall, stage_seconds, problem = segment_video(
+            av, model, paths[index], names[index], runtime, mode, aug_test, out_dir, show_dir,
+            scale, log)
         if problem:
             print(f'{"skipped" if not count else "cut short"} {paths[index]}: {problem}',
                   file=sys.stderr, flush=True)
             failed.append(paths[index])
         if count:
             log(f'{names[index]}: {count} frames in {wall:.1f} s, {count / wall:.2f} frames/s')
-        frames, seconds, model_seconds = frames + count, seconds + wall, model_seconds + alone
+        frames, seconds, stages = frames + count, seconds + wall, stages + stage_seconds
     if frames:
+        # The stages overlap, so the slowest one sets the pace.
+        each = ', '.join(f'{stage} {1e3 * t / frames:.1f} ms' for stage, t in zip(STAGES, stages))
+        slowest = int(np.argmax(stages))
         log(f'video: {frames} frames at {frames / seconds:.2f} frames/s in all, the model alone '
-            f'at {frames / model_seconds:.2f} frames/s ({seconds / model_seconds:.2f} x its time)')
+            f'at {frames / stages[1]:.2f} frames/s; per frame {each}: the run took '
+            f'{seconds / stages[slowest]:.2f} x the time of its slowest stage ({STAGES[slowest]})')
     return failed
 
 
@@ -1027,37 +1063,43 @@ class OnnxModel:
 
 
 @torch.no_grad()
-def benchmark(model, runtime, compile_model=False, size=(1024, 2048), warmup=2, rounds=6,
-              log=print):
-    """Time per image of whole-image inference at batch 1, from the normalised image to the
-    label map (the logits' argmax, which mmsegmentation's benchmark also times): the plain
-    model next to the fast path, in alternating rounds so that a noisy machine slows both
-    alike; medians. The last line is 'FPS: <fast path>'."""
-    x = torch.randn(1, 3, *size, device=runtime.device)
+def benchmark(model, runtime, compile_model=False, size=(1024, 2048), batch=1, warmup=2,
+              rounds=None, log=print):
+    """Time per batch of whole-image inference, from the normalised images to the label maps
+    (the logits' argmax, which mmsegmentation's benchmark also times): the plain model next to
+    the fast path, and with compile_model the fast path under torch.compile too, in
+    alternating rounds so that a noisy machine slows them alike; medians. The last line is
+    'FPS: <images per second of the fastest>'."""
+    rounds = rounds or (6 if runtime.type == 'cpu' else 30)
+    x = torch.randn(batch, 3, *size, device=runtime.device)
     fast_x = x.contiguous(memory_format=runtime.inference_format)
     model = model.eval().to(runtime.device)
-    fast = prepare_for_inference(model, runtime, compile_model)
+    fast = prepare_for_inference(model, runtime)
+
     def label_map(model, x):
         with runtime.autocast():
             return predict(model, x, model.num_classes).argmax(1)
     runs = {'plain model': lambda: label_map(model, x),
             'fast path': lambda: label_map(fast, fast_x)}
-    for _ in range(warmup):      # also compiles, with compile_model: the fast path first, so
-        for run in list(runs.values())[::-1]:   # that a compiler that fails does so at once
+    if compile_model:
+        compiled = prepare_for_inference(model, runtime, compile_model=True)
+        runs['fast path, compiled'] = lambda: label_map(compiled, fast_x)
+    for _ in range(warmup):      # also compiles: the compiled path first, so that a compiler
+        for run in list(runs.values())[::-1]:             # that fails does so at once
             run()
     times = bisenet.time_alternately(runs, rounds, runtime.synchronize)
     median = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
-        log(f'{name:<12} {median[name] * 1e3:8.1f} ms per image (median of '
-            f'{", ".join(f"{s * 1e3:.0f}" for s in t)})')
-    what = 'folded BN'
-    if runtime.inference_format == torch.channels_last:
-        what += ', channels_last'
+        spread = f'{min(t) * 1e3:.1f}-{max(t) * 1e3:.1f}'
+        log(f'{name:<19} {median[name] * 1e3:8.1f} ms per batch, {batch / median[name]:7.1f} '
+            f'images/s (median of {len(t)}: {spread} ms)')
+    what = 'folded BN' + (', channels_last' if runtime.inference_format == torch.channels_last
+                          else '')
+    line = f'fast path ({what}): {median["fast path"] / median["plain model"]:.2f} x the time'
     if compile_model:
-        what += ', torch.compile'
-    log(f'fast path ({what}) / plain model: {median["fast path"] / median["plain model"]:.2f} x '
-        f'the time ({size[0]} x {size[1]}, batch 1, {runtime.type}, {runtime.precision})')
-    log(f'FPS: {1 / median["fast path"]:.2f}')
+        line += f'; compiled: {median["fast path, compiled"] / median["plain model"]:.2f} x'
+    log(f'{line} ({size[0]} x {size[1]}, batch {batch}, {runtime.type}, {runtime.precision})')
+    log(f'FPS: {batch / min(median.values()):.2f}')
 
 
 def benchmark_onnx(model, size=(1024, 2048), warmup=2, rounds=6, log=print):
@@ -1157,7 +1199,7 @@ def run_benchmark(args, runtime):
     model = (bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle) if args.ckpt
              else bisenet.BiSeNetV1(19, args.backbone))
     runtime.print0(f'BiSeNetV1 {model.backbone_name}, {runtime.device}, {runtime.precision}')
-    benchmark(model, runtime, args.compile, log=runtime.print0)
+    benchmark(model, runtime, args.compile, batch=args.batch_size, log=runtime.print0)
 
 
 def run_images(args, runtime):
@@ -1244,6 +1286,9 @@ def check_args(args):
         raise bisenet.SetupError('--ckpt and --onnx exclude each other: give the model once')
     if args.workers < 0:
         raise bisenet.SetupError(f'--workers cannot be negative, not {args.workers}')
+    if args.batch_size != 1 and not (args.benchmark and not args.onnx) or args.batch_size < 1:
+        raise bisenet.SetupError(f'--batch-size {args.batch_size}: give a positive batch, with '
+                                 f'--benchmark of a model (evaluation runs one image at a time)')
     given = [flag for flag, value in (('--images', args.images), ('--video', args.video),
                                       ('--export-onnx', args.export_onnx)) if value]
     if len(given) > 1:
