@@ -835,9 +835,10 @@ def train(args, runtime, opened):
         profiler.start()
     perf_warmup, perf_start = min(10, max(args.iters - start_iter - 1, 0) // 5), None
 
-    # An iteration never waits for the device, so the host can queue the next one: the losses
-    # add up on the device (Window), and the host reads them, checks the run's health and looks
-    # for a stop signal only at a sync point (due(): the same iterations on every rank).
+    # Nothing here makes an iteration wait for the device, so the host can queue the next one:
+    # the losses add up on the device (Window), and the host reads them, checks the run's
+    # health and looks for a stop signal only at a sync point (due(): the same iterations on
+    # every rank). Where torch or torch_npu wait inside a step, log_setup said so.
     model.train()
     iteration, batches = start_iter, iter(loader)
     window = Window(iteration + 1, runtime.device)
