@@ -27,8 +27,11 @@ two scripts share one copy.
 import argparse
 import collections
 import concurrent.futures
+import contextlib
+import errno
 import functools
 import inspect
+import io
 import json
 import multiprocessing
 import os
@@ -36,6 +39,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
 import zipfile
@@ -101,6 +105,11 @@ class SetupError(RuntimeError):
     """A device, precision or launch setting that cannot work on this machine."""
 
 
+class OutputError(SetupError):
+    """A file that cannot be written (a full disk, a read-only folder), named with what it
+    needs and what is free."""
+
+
 def one_line(error):
     """The message of an error as one line, without its type's name: the message's first
     line, or for an error re-raised from a DataLoader worker, whose message carries the
@@ -116,15 +125,85 @@ def one_line(error):
     return line
 
 
+def fail(line, status=1):
+    """End the process with `line` on stderr, written now: a torchrun peer's SIGTERM during the
+    teardown that follows must not swallow it, as it would a message sys.exit prints last."""
+    print(line, file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
 def make_dir(path, flag):
-    """Create the output folder `path` (given by `flag`) up front: a path that cannot be a
-    folder fails in one line before any work, not at the end of it."""
+    """Create the output folder `path` (given by `flag`) up front and check that files can be
+    written there: a path that cannot be a writable folder fails in one line before any work,
+    not at the end of it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SetupError(f'{flag} {path} is a file, not a folder: give a folder')
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
     except OSError as e:
-        raise SetupError(f'{flag} {path}: cannot create this folder ({e.strerror}); '
-                         f'give a writable folder') from None
-    return Path(path)
+        raise SetupError(f'{flag} {path}: cannot write in this folder ({e.strerror}); give a '
+                         f'writable folder') from None
+    return path
+
+
+def output_file(path, flag):
+    """Check, before any work, that the file `path` (given by `flag`) can be written: not a
+    folder, in a writable folder (made if missing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SetupError(f'{flag} {path} is a folder: give a file name')
+    make_dir(path.parent, flag)
+    return path
+
+
+@contextlib.contextmanager
+def written(path, needed=0):
+    """A temporary path beside `path` to write the file to, renamed into place on leaving:
+    an interruption or a full disk leaves the earlier file intact and no temporary file behind.
+    A write that fails raises OutputError naming the file, `needed` (its bytes, where known)
+    and the space free there."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if needed > shutil.disk_usage(path.parent).free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise OutputError(write_failure(path, e, needed)) from None
+        raise
+
+
+def write_failure(path, error, needed=0, then='run again'):
+    """The line for a file that could not be written: what, why, what it needs and what is
+    free, and what to do."""
+    try:
+        free = f'{size_text(shutil.disk_usage(Path(path).parent).free)} free there'
+    except OSError:
+        free = 'its folder cannot be read'
+    need = f'it needs {size_text(needed)}, ' if needed else ''
+    return (f'cannot write {path} ({getattr(error, "strerror", None) or error}): {need}{free}; '
+            f'free some space or give a writable place, and {then}')
+
+
+def save_bytes(path, data):
+    """Write `data` to `path` (written): whole, or not at all."""
+    with written(path, len(data)) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def image_bytes(image, format='PNG'):
+    """A PIL image encoded in memory, to be written with save_bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
 
 
 def more(problems, root):
@@ -450,12 +529,15 @@ def fold_batchnorm(model):
 
 
 def state_dict_of(ckpt, path):
-    """The model weights of a loaded checkpoint (read_state_dict)."""
+    """The model weights of a loaded checkpoint (read_state_dict); of a whole pickled model
+    (--trust-pickle), its state dict."""
     if isinstance(ckpt, dict):
         for key in ('model', 'state_dict'):
-            if isinstance(ckpt.get(key), dict):
+            if isinstance(ckpt.get(key), (dict, nn.Module)):
                 ckpt = ckpt[key]
                 break
+    if isinstance(ckpt, nn.Module):
+        ckpt = ckpt.state_dict()
     if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
         raise CheckpointError(f'{path} holds no model state dict')
     # Weights saved from a DistributedDataParallel wrapper carry a 'module.' prefix.
@@ -465,6 +547,8 @@ def state_dict_of(ckpt, path):
 def load_file(path, trust_pickle=False):
     """torch.load on CPU with weights_only=True (unless trusted), failing with one clear line."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f'checkpoint {path} is a folder: give the checkpoint file in it')
     if not path.is_file():
         raise CheckpointError(f'checkpoint {path} does not exist')
     try:
@@ -507,11 +591,22 @@ def classes_of(ckpt):
     return classes, palette
 
 
-def config_from_state_dict(state_dict):
+def imagenet_resnet(state_dict):
+    """Whether a state dict holds ImageNet ResNet weights in torchvision's layout (what
+    --pretrained takes), rather than a BiSeNetV1."""
+    return 'layer1.0.conv1.weight' in state_dict \
+        and 'decode_head.conv_seg.weight' not in state_dict
+
+
+def config_from_state_dict(state_dict, path='it'):
     """(backbone, num_classes) of a BiSeNetV1 state dict, so a checkpoint builds its own model."""
     head = state_dict.get('decode_head.conv_seg.weight')
+    if head is None and imagenet_resnet(state_dict):
+        raise CheckpointError(f'{path} holds ImageNet ResNet weights, not a trained BiSeNetV1: '
+                              f'train one from them with train.py --pretrained {path}')
     if head is None:
-        raise CheckpointError('not a BiSeNetV1 checkpoint: no decode_head.conv_seg.weight')
+        raise CheckpointError(f'{path} is not a BiSeNetV1 checkpoint: no '
+                              f'decode_head.conv_seg.weight')
     deep = 'backbone.context_path.backbone.layer1.0.conv3.weight' in state_dict
     return ('resnet50' if deep else 'resnet18'), head.shape[0]
 
@@ -556,6 +651,9 @@ def load_checkpoint(model, path, trust_pickle=False, new_classes=False, log=None
     with new_classes, one of another class count but for its classifiers (load_state_dict),
     which `log`, if given, is told in one line."""
     state_dict = read_state_dict(path, trust_pickle)
+    if imagenet_resnet(state_dict):
+        raise CheckpointError(f'{path} holds ImageNet ResNet weights (torchvision\'s layout), not '
+                              f'a BiSeNetV1: give it with --pretrained')
     load_state_dict(model, state_dict, source=str(path), new_classes=new_classes)
     theirs = state_dict['decode_head.conv_seg.weight'].shape[0]
     if log is not None and theirs != model.num_classes:
@@ -570,7 +668,7 @@ def model_from_checkpoint(path, trust_pickle=False):
     checkpoint itself holds (Cityscapes' where a 19-class checkpoint names none)."""
     ckpt = load_file(path, trust_pickle)
     state_dict = state_dict_of(ckpt, path)
-    backbone, num_classes = config_from_state_dict(state_dict)
+    backbone, num_classes = config_from_state_dict(state_dict, path)
     model = BiSeNetV1(num_classes, backbone, *classes_of(ckpt))
     return load_state_dict(model, state_dict, source=str(path))
 
@@ -579,6 +677,10 @@ def load_imagenet_backbone(model, path):
     """Load torchvision-format ImageNet ResNet weights (resnet18 / resnet50) into the Context
     Path's backbone; `fc.*` is dropped, anything else missing or extra is an error."""
     state_dict = {k: v for k, v in read_state_dict(path).items() if not k.startswith('fc.')}
+    if 'decode_head.conv_seg.weight' in state_dict:
+        raise CheckpointError(f'{path} is a BiSeNetV1 checkpoint, not ImageNet ResNet weights: '
+                              f'give it with --load-from (weights to start from) or '
+                              f'--resume-from (a run to continue)')
     depth = 'resnet50' if 'layer1.0.conv3.weight' in state_dict else 'resnet18'
     if 'layer1.0.conv1.weight' in state_dict and depth != model.backbone_name:
         raise CheckpointError(f'ImageNet weights {path} are a {depth}, the model is '
@@ -977,6 +1079,9 @@ class Layout:
 
     def __init__(self, root):
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise DatasetError(f'data path {root} is a file, not a folder: give the data set\'s '
+                               f'folder')
         if not root.is_dir():
             raise DatasetError(f'data path {root} does not exist')
         self.root = root = next((root / inner for inner in self.UNPACKED
@@ -1147,6 +1252,10 @@ def open_image(path):
     if exif_orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
     image.load()
+    if image.mode.startswith('I'):
+        # 16-bit greyscale: its high byte, as cv2 reads it (convert('RGB') would clip at 255)
+        image = Image.fromarray(np.clip(np.asarray(image, np.int64) >> 8, 0, 255)
+                                .astype(np.uint8), 'L')
     return (image if image.mode == 'RGB' else image.convert('RGB')), stored_size
 
 
@@ -1186,12 +1295,19 @@ def read_sample(layout, sample, pixels=True):
     return image, label, counts
 
 
-def look_at(layout, sample):
-    """What a check learns of one sample without decoding its image: (image size, histogram
-    of the label's train ids, None), or (None, the histogram where the label could be read,
-    the problem: (message, kind, bad pixels, the label file); see DatasetError)."""
+def look_at(layout, sample, decode=False):
+    """What a check learns of one sample: (image size, histogram of the label's train ids,
+    None), or (None, the histogram where the label could be read, the problem: (message,
+    kind, bad pixels, the label file); see DatasetError). The image is read from its header
+    only, or with `decode` decoded whole, so that a truncated file is found too."""
     try:
         size, _, counts = read_sample(layout, sample, pixels=False)
+        if decode:
+            try:
+                with Image.open(sample.image) as image:
+                    image.load()
+            except IMAGE_ERRORS as e:
+                raise DatasetError(f'cannot read {sample.image}: {e}') from None
         return size, counts, None
     except DatasetError as e:
         return None, e.counts, (str(e), e.kind, e.bad, sample.label)
@@ -1202,9 +1318,10 @@ def spread(count, limit):
     return sorted(set(np.linspace(0, count - 1, min(limit, count)).round().astype(int).tolist()))
 
 
-def survey(layout, split, samples, limit=None, processes=1):
+def survey(layout, split, samples, limit=None, processes=1, decode=False):
     """Look at the labels of a split's samples (all of them, or `limit` spread over the split)
-    in `processes` processes, as `python bisenet.py --check-data` and train.py do. Returns a
+    in `processes` processes, as `python bisenet.py --check-data` and train.py do; with
+    `decode`, as the check does, each image decoded whole too (look_at). Returns a
     dict: 'looked' (how many), 'sizes' [(w, h)], 'pixels' (counts per train id, 256),
     'problems' (each one line: what cannot be trained on), 'groups' (the labels with the same
     stray value or colour: {kind: {'labels', 'bad', 'pixels', 'first': the first one's
@@ -1213,7 +1330,7 @@ def survey(layout, split, samples, limit=None, processes=1):
     count = len(samples)
     if limit is not None and limit < count:
         samples = [samples[i] for i in spread(count, limit)]
-    work = functools.partial(look_at, layout)
+    work = functools.partial(look_at, layout, decode=decode)
     if processes > 1 and len(samples) > 1:
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context('fork' if 'fork' in methods else None)
@@ -1823,11 +1940,19 @@ def init_worker(worker_id=None):
     that a signal to the trainer's group (Ctrl-C in a terminal, torchrun's or a scheduler's
     SIGTERM) reaches the trainer alone, which stops at a sync point and ends its workers
     itself: torch's workers die of a SIGTERM from anyone but their parent, and the trainer
-    would fail at its next batch instead of saving. A worker whose trainer died (kill -9) exits
-    by itself, as always, and quietly: a broken connection in its background threads (the
-    batch being handed over when the trainer died) is no error of its own to print."""
+    would fail at its next batch instead of saving. On Linux the worker dies with its trainer
+    (kill -9, a second Ctrl-C), even one forked in the instant before; elsewhere it exits by
+    itself within seconds, as always. Either way quietly: a broken connection in its background
+    threads (the batch being handed over when the trainer died) is no error of its own to
+    print."""
     if hasattr(os, 'setpgid'):
         os.setpgid(0, 0)
+    if sys.platform.startswith('linux'):
+        import ctypes
+        trainer = multiprocessing.parent_process()
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
+        if trainer is not None and not trainer.is_alive():   # it died before the line above
+            os._exit(0)
     excepthook = sys.excepthook
 
     def quiet_about_broken_connections(kind, value, traceback):
@@ -2118,16 +2243,18 @@ def time_alternately(runs, rounds, synchronize=None):
     return times
 
 
-def decode_label_file(sample):
-    """A bare decode of a sample's label file: what benchmark_data compares the check with."""
-    with Image.open(sample[1]) as label:
-        label.load()
+def decode_files(sample):
+    """A bare decode of a sample's image and label files: what benchmark_data compares the
+    check with."""
+    for path in sample[:2]:
+        with Image.open(path) as image:
+            image.load()
 
 
 def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_dir=None):
     """Per-image cost of a DataLoader worker (one thread) against a bare decode of the files;
     with cache_dir also the same worker reading a warm decoded-data cache, filled first; and
-    the label check of --check-data against a bare decode of the labels, on all cores."""
+    the check of --check-data against a bare decode of the images and labels, on all cores."""
     torch.set_num_threads(1)
     transform = TrainTransform(crop_size, on_device=True)
     dataset = SegmentationDataset(root, split, transform)
@@ -2158,13 +2285,14 @@ def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_
     processes = all_cores()
     chunk = max(1, len(samples) // (4 * processes))
     with multiprocessing.get_context().Pool(processes) as pool:
+        check = functools.partial(look_at, dataset.layout, decode=True)
         times = time_alternately({        # four rounds, the first a warm-up
-            'bare label decode': lambda: pool.map(decode_label_file, samples, chunksize=chunk),
-            'label check': lambda: pool.map(functools.partial(look_at, dataset.layout), samples,
-                                            chunksize=chunk)}, rounds=4)
+            'bare decode': lambda: pool.map(decode_files, samples, chunksize=chunk),
+            'check': lambda: pool.map(check, samples, chunksize=chunk)}, rounds=4)
     bare, check = (min(times[name][1:]) / len(samples) for name in times)
-    print(f'label check of --check-data on {processes} processes: {check * 1e3:.2f} ms per file '
-          f'against {bare * 1e3:.2f} ms for a bare decode of the label ({check / bare:.2f} x)')
+    print(f'the check of --check-data on {processes} processes: {check * 1e3:.2f} ms per image '
+          f'and label against {bare * 1e3:.2f} ms for a bare decode of both ({check / bare:.2f} '
+          f'x)')
 
 
 def group_line(kind, group, layout):
@@ -2186,9 +2314,9 @@ def group_line(kind, group, layout):
 
 
 def check_data(root, splits=('train', 'val'), processes=None):
-    """python bisenet.py --check-data ROOT: every label of every split looked at, on all
-    cores. Prints per split the images, their sizes, each class's share of the pixels and
-    every problem; returns the number of problems."""
+    """python bisenet.py --check-data ROOT: every image and label of every split decoded and
+    looked at, on all cores. Prints per split the images, their sizes, each class's share of
+    the pixels and every problem; returns the number of problems."""
     layout = Layout(root)
     processes = processes or all_cores()
     source = (f'from {layout.classes_file}' if layout.classes_file
@@ -2202,7 +2330,7 @@ def check_data(root, splits=('train', 'val'), processes=None):
             print(f'{split}: problem: {e}')
             total += 1
             continue
-        found = survey(layout, split, samples, processes=processes)
+        found = survey(layout, split, samples, processes=processes, decode=True)
         looked += found['looked']
         total += len(problems) + len(found['problems'])
         problems += found['ungrouped']
@@ -2229,7 +2357,7 @@ def check_data(root, splits=('train', 'val'), processes=None):
         for warning in found['warnings']:
             print(f'  warning: {warning}')
     elapsed = time.perf_counter() - start
-    print(f'looked at {looked} labels in {elapsed:.1f} s on {processes} processes: '
+    print(f'looked at {looked} images and labels in {elapsed:.1f} s on {processes} processes: '
           + (f'{total} problems' if total else 'no problems'))
     return total
 

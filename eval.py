@@ -28,6 +28,7 @@ and the label maps as NAME/FRAME.png. train.py validates with evaluate() below.
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import copy
 import fractions
 import glob
@@ -42,6 +43,7 @@ import tempfile
 import threading
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import bisenet  # first: it checks that this torch can run next to this NumPy before torch loads
@@ -54,14 +56,15 @@ from PIL import Image, ImageDraw, ImageFont
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)     # the reference's multi-scale test
 CALIBRATION_IMAGES = 32                             # --int8's default: a few dozen suffice
 SLIDE_WINDOW, SLIDE_STRIDE = (1024, 1024), (768, 768)
+DEFAULT_DATA_PATH = 'data/cityscapes'
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--ckpt', help='checkpoint: ours (train.py) or mmsegmentation\'s')
-    parser.add_argument('--data-path', '--data_path', default='data/cityscapes',
+    parser.add_argument('--data-path', '--data_path',
                         help='Cityscapes root (leftImg8bit/, gtFine/) or your own data set '
-                             '(classes.txt, images/, labels/)')
+                             f'(classes.txt, images/, labels/); default {DEFAULT_DATA_PATH}')
     parser.add_argument('--images', nargs='+', metavar='PATH', help='segment these PNG/JPEG '
                         'files, folders (recursively) or globs instead; no labels needed')
     parser.add_argument('--video', nargs='+', metavar='PATH', help='segment these video files '
@@ -238,23 +241,35 @@ def prepare_for_inference(model, runtime, compile_model=False):
 
 class Progress:
     """'[what] done/total images, N images/s, s elapsed, ETA s' every 10 s and at the end of a
-    shard (runtime: the processes that share the items; None: this one alone)."""
+    shard (runtime: the processes that share the items; None: this one alone). The latest one
+    made is what an interruption reports (interrupted)."""
+    latest = None
 
     def __init__(self, what, total, runtime, log, unit='images'):
         self.what, self.total, self.log, self.unit = what, total, log, unit
         self.world_size = runtime.world_size if runtime else 1
-        self.start, self.last = time.time(), 0.0
+        self.start, self.last, self.done = time.time(), 0.0, 0
+        Progress.latest = self
 
     def step(self, step, steps):
         """After step `step` (0-based) of this process's `steps` (0: not known)."""
+        self.done = min((step + 1) * self.world_size, self.total or float('inf'))
         if time.time() - self.last > 10 or step + 1 == steps:
             elapsed = time.time() - self.start
-            done = min((step + 1) * self.world_size, self.total or float('inf'))
             eta = f'{elapsed / (step + 1) * max(steps - step - 1, 0):.0f} s' if steps else '?'
-            self.log(f'{self.what} {done}/{self.total or "?"} {self.unit}, '
-                     f'{done / max(elapsed, 1e-9):.2f} {self.unit}/s, {elapsed:.0f} s elapsed, '
-                     f'ETA {eta}')
+            self.log(f'{self.what} {self.done}/{self.total or "?"} {self.unit}, '
+                     f'{self.done / max(elapsed, 1e-9):.2f} {self.unit}/s, {elapsed:.0f} s '
+                     f'elapsed, ETA {eta}')
             self.last = time.time()
+
+
+def interrupted():
+    """The line of a run that Ctrl-C ended: how far it got."""
+    progress = Progress.latest
+    where = f' after {progress.done} of {progress.total or "?"} {progress.unit} ' \
+            f'({progress.what.strip("[]")})' if progress else ''
+    return (f'error: interrupted (Ctrl-C){where}; every file written is complete, none is '
+            f'left half written')
 
 
 def colourize(train_ids, palette):
@@ -370,18 +385,15 @@ def save_prediction(pred, image, out_name, show_name, out_dir, show_dir, classes
     what its evaluation scripts read) those ids. pred, label: (H, W) train ids; image uint8
     (3, H, W)."""
     if out_dir:
-        path = Path(out_dir) / out_name
-        path.parent.mkdir(parents=True, exist_ok=True)
         if label_ids is not None:
-            Image.fromarray(bisenet.lookup_table(label_ids)[pred]).save(path)
+            label_map = Image.fromarray(bisenet.lookup_table(label_ids)[pred])
         else:
             label_map = Image.fromarray(pred.astype(np.uint8))
             label_map.putpalette([v for colour in palette for v in colour])
-            label_map.save(path)
+        bisenet.save_bytes(Path(out_dir) / out_name, bisenet.image_bytes(label_map))
     if show_dir:
-        path = Path(show_dir) / show_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        prediction_picture(pred, image, classes, palette, label).save(path)
+        picture = prediction_picture(pred, image, classes, palette, label)
+        bisenet.save_bytes(Path(show_dir) / show_name, bisenet.image_bytes(picture))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,14 +414,19 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
     num_classes = model.num_classes
     size = len(dataset) if limit is None else min(limit, len(dataset))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=1, sampler=runtime.shard(size), num_workers=workers,
+        Readable(dataset), batch_size=None, sampler=runtime.shard(size), num_workers=workers,
         **runtime.loader_options())
     label_ids = bisenet.cityscapes_label_ids(dataset.classes)
     total = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
-    progress, pictures = Progress('[eval]', size, runtime, log), {}
-    for step, (index, (image, label)) in enumerate(zip(loader.sampler, loader)):
-        image = image.to(runtime.device, non_blocking=True)
-        label = label.to(runtime.device, non_blocking=True).long()
+    progress, pictures, skipped = Progress('[eval]', size, runtime, log), {}, []
+    for step, (index, (item, problem)) in enumerate(zip(loader.sampler, loader)):
+        if problem is not None:                 # named, and left out of the metric
+            print(f'skipped {problem}', file=sys.stderr, flush=True)
+            skipped.append(problem)
+            progress.step(step, len(loader))
+            continue
+        image = item[0][None].to(runtime.device, non_blocking=True)
+        label = item[1][None].to(runtime.device, non_blocking=True).long()
         x = bisenet.normalize(image).contiguous(memory_format=runtime.inference_format)
         with runtime.autocast():
             scores = predict(model, x, num_classes, mode, aug_test)
@@ -431,7 +448,25 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
         progress.step(step, len(loader))
     runtime.all_reduce(total)
     model.train(was_training)
-    return dict(summarize(total.cpu()), pictures=pictures)
+    return dict(summarize(total.cpu()), pictures=pictures, skipped=skipped)
+
+
+class Readable(torch.utils.data.Dataset):
+    """The items of a data set as (item, None), or (None, why) for one whose files cannot be
+    read (a truncated image, say): evaluate() names and skips it, rather than losing the run
+    that validates with it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index], None
+        except bisenet.DatasetError as e:
+            return None, bisenet.one_line(e)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,7 +563,8 @@ def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=
     dataset, names = ImageFiles(paths, scale), output_names(paths)
     label_ids = bisenet.cityscapes_label_ids(model.classes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                         sampler=runtime.shard(len(dataset)))
+                                         sampler=runtime.shard(len(dataset)),
+                                         worker_init_fn=bisenet.init_worker)
     progress, failed = Progress('[images]', len(dataset), runtime, log), []
     for step, (index, (image, small, error)) in enumerate(zip(loader.sampler, loader)):
         if error is None:
@@ -668,8 +704,7 @@ class VideoOutputs:
             frame = self.av.VideoFrame.from_image(overlay(pred, image, self.classes,
                                                           self.palette, self.legends))
             frame.pts, frame.time_base = self.timestamp(index, pts), self.time_base
-            for packet in self.stream.encode(frame):
-                self.container.mux(packet)
+            self.mux(self.stream.encode(frame))
 
     def timestamp(self, index, pts):
         """Frame `index`'s time on the output clock: the first frame's plus `index` frames at
@@ -688,15 +723,32 @@ class VideoOutputs:
     def copy_audio(self, packet):
         if self.audio is not None:
             packet.stream = self.audio
-            self.container.mux(packet)
+            self.mux([packet])
+
+    def mux(self, packets):
+        """Write packets into the video; a write that fails (a full disk) is OutputError."""
+        try:
+            for packet in packets:
+                self.container.mux(packet)
+        except OSError as e:                             # PyAV's own OSError is one too
+            raise bisenet.OutputError(bisenet.write_failure(self.path, e)) from None
 
     def close(self):
         """Finish the video (the encoder's last frames) and put it in place."""
         if self.container is not None:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-            self.container.close()
+            self.mux(self.stream.encode())
+            try:
+                self.container.close()
+            except OSError as e:
+                raise bisenet.OutputError(bisenet.write_failure(self.path, e)) from None
             os.replace(self.tmp, self.path)
+
+    def discard(self):
+        """Drop the unfinished video (an error, Ctrl-C): no temporary file is left behind."""
+        if self.container is not None:
+            with contextlib.suppress(Exception):
+                self.container.close()
+            self.tmp.unlink(missing_ok=True)
 
 
 def ended_early(container, video, frames, last_pts):
@@ -749,25 +801,33 @@ def segment_video(av, model, path, name, runtime, mode='whole', aug_test=False, 
         frames, pts, problem, pending = 0, None, None, collections.deque()
         progress = Progress(f'[video] {name}', total, None, log, unit='frames')
         try:
-            for item in read_ahead(decoded_frames(av, container, video, audio, scale),
-                                   clock=decoding):
-                if not isinstance(item, tuple):                       # audio, copied
-                    pending.append(writer.submit(outputs.copy_audio, item))
-                    continue
-                pts, image, small = item
-                pred = timed(modelling, segment, model, image, small, runtime, mode, aug_test)
-                pending.append(writer.submit(timed, writing, outputs.frame, frames, pts, pred,
-                                             image))
-                frames += 1
-                while len(pending) > 8:                   # the writer at most 8 items behind
-                    pending.popleft().result()
-                progress.step(frames - 1, total)
-        except av_error as e:
-            problem = (f'it breaks off after {frames} frames '
-                       f'({getattr(e, "strerror", None) or e})')
-        for done in pending:
-            done.result()
-        timed(writing, outputs.close)                   # the encoder's last frames
+            try:
+                for item in read_ahead(decoded_frames(av, container, video, audio, scale),
+                                       clock=decoding):
+                    if not isinstance(item, tuple):                       # audio, copied
+                        pending.append(writer.submit(outputs.copy_audio, item))
+                        continue
+                    pts, image, small = item
+                    pred = timed(modelling, segment, model, image, small, runtime, mode,
+                                 aug_test)
+                    pending.append(writer.submit(timed, writing, outputs.frame, frames, pts,
+                                                 pred, image))
+                    frames += 1
+                    while len(pending) > 8:               # the writer at most 8 items behind
+                        pending.popleft().result()
+                    progress.step(frames - 1, total)
+            except av_error as e:
+                problem = (f'it breaks off after {frames} frames '
+                           f'({getattr(e, "strerror", None) or e})')
+            for done in pending:
+                done.result()
+            timed(writing, outputs.close)                   # the encoder's last frames
+        except BaseException:
+            for done in pending:                # the writer's queue, dropped, and the frame
+                done.cancel()                   # it is writing finished, before the discard
+            concurrent.futures.wait(pending)
+            outputs.discard()
+            raise
         problem = problem or (ended_early(container, video, frames, pts) if frames
                               else 'no frame could be decoded')
     if problem and frames:
@@ -869,13 +929,6 @@ def labels_only(graph):
     return graph
 
 
-def save_onnx(onnx, graph, path):
-    """Write `graph` to `path` atomically."""
-    tmp = Path(str(path) + '.tmp')
-    onnx.save(graph, str(tmp))
-    os.replace(tmp, path)
-
-
 def onnx_session(onnxruntime, graph, threads=None):
     """An onnxruntime CPU session of a model (a path, or a ModelProto), on `threads` threads
     (None: all cores)."""
@@ -895,7 +948,7 @@ def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)
     onnx, onnxruntime = import_onnx('--export-onnx', need_onnxruntime=False)
     deployable = Deployable(prepare_for_inference(model, bisenet.Runtime('cpu')), True).eval()
     graph = onnx_graph(onnx, deployable, model.classes, model.palette)
-    save_onnx(onnx, graph if logits else labels_only(graph), path)
+    bisenet.save_bytes(path, (graph if logits else labels_only(graph)).SerializeToString())
     log(f'exported {path}: image uint8 RGB (N, H, W, 3) -> labels uint8 (N, H, W)'
         + (f' and logits float32 (N, {model.num_classes}, H, W)' if logits else '')
         + f', ONNX opset 17, classes: {", ".join(model.classes)}')
@@ -982,7 +1035,7 @@ def export_int8(model, path, calibration, held_out=(), logits=False, log=print):
         int8 = onnx.load(f'{folder}/int8.onnx')
     onnx.helper.set_model_props(int8, dict({p.key: p.value for p in fp32.metadata_props},
                                            precision='int8'))
-    save_onnx(onnx, int8 if logits else labels_only(int8), path)
+    bisenet.save_bytes(path, (int8 if logits else labels_only(int8)).SerializeToString())
     log(f'exported {path}: int8 (QDQ, per-channel weights), image uint8 RGB (N, H, W, 3) -> '
         f'labels uint8 (N, H, W)' + (' and logits float32' if logits else '')
         + f', classes: {", ".join(model.classes)}')
@@ -1019,6 +1072,12 @@ class OnnxModel:
     training = False
 
     def __init__(self, path, threads=None):
+        if not Path(path).is_file():
+            raise bisenet.CheckpointError(f'--onnx {path} does not exist' + (
+                ' as a file' if Path(path).exists() else ''))
+        if zipfile.is_zipfile(path):                # what torch.save writes
+            raise bisenet.CheckpointError(f'{path} is a PyTorch checkpoint, not an ONNX file: '
+                                          f'give it with --ckpt')
         onnx, onnxruntime = import_onnx('--onnx')
         try:
             self.session = onnx_session(onnxruntime, path, threads)
@@ -1149,13 +1208,13 @@ def calibration_images(args):
         held_out = [rest[i] for i in bisenet.spread(len(rest), 8)]
     else:
         try:
-            train = bisenet.SegmentationDataset(args.data_path, 'train')
+            train = bisenet.SegmentationDataset(args.data_path or DEFAULT_DATA_PATH, 'train')
         except bisenet.DatasetError as e:
             raise bisenet.SetupError(f'--int8 calibrates on --calibrate DIR, or on the train '
                                      f'split of --data-path, which cannot be read: {e}') from None
         calibration = [train.samples[i].image for i in bisenet.spread(len(train), count)]
         try:
-            val = bisenet.SegmentationDataset(args.data_path, 'val')
+            val = bisenet.SegmentationDataset(args.data_path or DEFAULT_DATA_PATH, 'val')
             held_out = [val.samples[i].image for i in bisenet.spread(len(val), 8)]
         except bisenet.DatasetError:
             held_out = []
@@ -1179,8 +1238,8 @@ def calibration_images(args):
 
 def run_export(args):
     """--export-onnx: on the CPU, what ONNX files hold: fp32, or with --int8 int8."""
+    bisenet.output_file(args.export_onnx, '--export-onnx')
     model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle).eval()
-    bisenet.make_dir(Path(args.export_onnx).resolve().parent, '--export-onnx')
     if args.int8:
         import_onnx('--int8')               # a missing package: before reading any image
         export_int8(model, args.export_onnx, *calibration_images(args), args.onnx_logits)
@@ -1232,18 +1291,24 @@ def run_images(args, runtime):
         failed = segment_images(model, paths, runtime, args.mode, args.aug_test, args.out_dir,
                                 show_dir, args.workers, log=runtime.print0, scale=scale)
     if failed:
-        sys.exit(f'error: {len(failed)} of the {kind} could not be read' + (
+        bisenet.fail(f'error: {len(failed)} of the {kind} could not be read' + (
             ' in full' if video else '') + ' (named above); the others were written')
 
 
 def run_evaluation(args, runtime):
     """The metric of a checkpoint on --data-path's --split, its table, and what it writes."""
     for flag, folder in (('--out-dir', args.out_dir), ('--show-dir', args.show_dir),
-                         ('--json', args.json and Path(args.json).parent),
                          ('--prof-dir', args.prof_test and args.prof_dir)):
         if folder:                          # fail now, not after the evaluation
             bisenet.make_dir(folder, flag)
+    if args.json:
+        bisenet.output_file(args.json, '--json')
     model, source = load_model(args, runtime), args.ckpt or args.onnx
+    if args.data_path is None and not Path(DEFAULT_DATA_PATH).exists():
+        raise bisenet.SetupError(f'no data set to evaluate on: give --data-path ROOT (the '
+                                 f'default, {DEFAULT_DATA_PATH}, does not exist), or --images or '
+                                 f'--video FILES to segment files')
+    args.data_path = args.data_path or DEFAULT_DATA_PATH
     dataset = bisenet.SegmentationDataset(args.data_path, args.split,
                                           bisenet.EvalTransform(on_device=True), args.cache_dir)
     if model.num_classes != len(dataset.classes):
@@ -1273,8 +1338,12 @@ def run_evaluation(args, runtime):
         return
     runtime.print0(format_table(metrics, dataset.classes))
     if args.json and runtime.rank == 0:
-        Path(args.json).write_text(json.dumps(metrics_record(metrics, dataset.classes),
-                                              indent=2) + '\n')
+        record = json.dumps(metrics_record(metrics, dataset.classes), indent=2) + '\n'
+        bisenet.save_bytes(args.json, record.encode())
+    if metrics['skipped']:
+        bisenet.fail(f'error: {len(metrics["skipped"])} of the images could not be read '
+                     f'(named above) and are left out of these metrics: mend or remove them and '
+                     f'run again')
 
 
 def check_args(args):
@@ -1286,6 +1355,8 @@ def check_args(args):
         raise bisenet.SetupError('--ckpt and --onnx exclude each other: give the model once')
     if args.workers < 0:
         raise bisenet.SetupError(f'--workers cannot be negative, not {args.workers}')
+    if args.threads is not None and args.threads < 1:
+        raise bisenet.SetupError(f'--threads must be at least 1, not {args.threads}')
     if args.batch_size != 1 and not (args.benchmark and not args.onnx) or args.batch_size < 1:
         raise bisenet.SetupError(f'--batch-size {args.batch_size}: give a positive batch, with '
                                  f'--benchmark of a model (evaluation runs one image at a time)')
@@ -1316,7 +1387,7 @@ def check_args(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    runtime = None
+    runtime, Progress.latest = None, None
     try:
         check_args(args)
         if args.threads:
@@ -1331,14 +1402,18 @@ def main(argv=None):
             return run_images(args, runtime)
         run_evaluation(args, runtime)
     except (bisenet.CheckpointError, bisenet.DatasetError, bisenet.SetupError) as e:
-        sys.exit(f'error: {bisenet.one_line(e)}')
+        bisenet.fail(f'error: {bisenet.one_line(e)}')
+    except KeyboardInterrupt:
+        print(interrupted(), file=sys.stderr, flush=True)
+        sys.exit(130)                               # the shell's status for SIGINT
     except Exception as e:
         # torch.compile compiles at the first call, so its failures (no working compiler or
         # Triton, a backend bug) surface here rather than in prepare_for_inference.
         if args.compile and type(e).__module__.startswith(('torch._dynamo', 'torch._inductor')):
             cause = getattr(e, 'inner_exception', None) or e
-            sys.exit(f'error: --compile failed at the first image ({type(cause).__name__}: '
-                     f'{bisenet.one_line(cause)[:200]}); drop --compile')
+            bisenet.fail(f'error: --compile failed at the first image '
+                         f'({type(cause).__name__}: {bisenet.one_line(cause)[:200]}); drop '
+                         f'--compile')
         raise
     finally:
         if runtime is not None:

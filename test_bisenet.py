@@ -1270,7 +1270,7 @@ def test_eval_bad_input(data, tmp_path):
                                    data, '--split', 'test'), 'leftImg8bit/test is missing')
     assert_one_line_error(run_here(evaluation, '--ckpt', tmp_path / 'ok.pth', '--data-path',
                                    data, '--json', junk / 'm.json'),
-                          f'--json {junk}: cannot create this folder')
+                          f'--json {junk} is a file, not a folder')
 
 
 def test_prof_test_writes_what_it_profiles(data, checkpoint, tmp_path):
@@ -1738,9 +1738,9 @@ def test_sigterm_saves_at_the_announced_sync_point_and_a_second_ctrl_c_quits_at_
 
 def test_main_runs_twice_in_one_process_closing_what_it_opened(data, tmp_path):
     handlers = [signal.getsignal(sig) for sig in train.STOP_SIGNALS]
-    for _ in range(2):
+    for again in ([], ['--start-over']):
         train.main([*map(str, TINY), '--data-path', str(data), '--iters', '2', '--workers', '0',
-                    '--work-dir', str(tmp_path)])
+                    '--work-dir', str(tmp_path), *again])
     assert [signal.getsignal(sig) for sig in train.STOP_SIGNALS] == handlers
     still_open = [os.readlink(fd) for fd in Path('/proc/self/fd').iterdir() if fd.is_symlink()]
     assert not [path for path in still_open if str(tmp_path) in path]
@@ -2012,6 +2012,237 @@ def test_a_second_run_in_a_live_work_dir_is_refused_in_one_line(data, tmp_path):
     first.wait()
 
 
+@contextlib.contextmanager
+def small_disk(path, size='1m', read_only=False):
+    """A tmpfs of `size` at `path` (made), for a full or a read-only disk; skips where mounting
+    needs the root this test does not have."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f'size={size}' + (',ro' if read_only else '')
+    if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs',
+                                            str(path)], capture_output=True).returncode != 0:
+        pytest.skip('mounting a small disk needs root')
+    try:
+        yield path
+    finally:
+        subprocess.run(['umount', '-l', str(path)])
+
+
+def fill(disk, leave=0):
+    """Fill `disk` but for about `leave` bytes."""
+    (disk / 'filler').write_bytes(bytes(max(shutil.disk_usage(disk).free - leave, 0)))
+
+
+def copy_of(data, tmp_path):
+    shutil.copytree(data, tmp_path / 'copy')
+    return tmp_path / 'copy'
+
+
+def test_a_truncated_val_image_is_found_by_the_check_and_skipped_after_the_checkpoint(
+        data, tmp_path, capsys):
+    """The check decodes images, so it finds a truncated one; a run whose validation meets it
+    has saved its checkpoint first, names the image and trains on; eval.py writes its table
+    and ends with status 1."""
+    root = copy_of(data, tmp_path)
+    broken = sorted((root / 'leftImg8bit' / 'val').rglob('*.png'))[1]
+    broken.write_bytes(broken.read_bytes()[:600])
+    assert bisenet.check_data(root, processes=1) == 1
+    assert f'cannot read {broken}' in capsys.readouterr().out
+    validating = [arg for arg in TINY if arg != '--no-validate']
+    result = train_here(*validating, '--data-path', root, '--iters', 2, '--workers', 0,
+                        '--work-dir', tmp_path / 'run', '--val-interval', 2, '--ckpt-interval', 2)
+    assert f'validation left out 1 image(s) it could not read: cannot read {broken}' \
+        in result.stdout
+    assert train.read_resumable(tmp_path / 'run' / 'iter_2.pth')['iteration'] == 2
+    assert json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()[-1])[
+        'skipped_images'] == 1
+    evaluated = run_here(evaluation, '--ckpt', tmp_path / 'run' / 'latest.pth', '--data-path',
+                         root, '--device', 'cpu', '--workers', 0, '--json', tmp_path / 'm.json')
+    assert evaluated.returncode == 1 and 'mIoU' in evaluated.stdout
+    assert evaluated.stderr.startswith(f'skipped cannot read {broken}')
+    assert evaluated.stderr.strip().splitlines()[-1].startswith('error: 1 of the images could '
+                                                               'not be read')
+    assert json.loads((tmp_path / 'm.json').read_text())['mIoU'] >= 0
+
+
+def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_and_start_over_keeps_them(
+        data, tmp_path):
+    run = [*TINY, '--data-path', data, '--iters', 2, '--workers', 0, '--work-dir', tmp_path]
+    train_here(*run)
+    saved = {p.name: p.read_bytes() for p in tmp_path.glob('*.pth')}
+    assert set(saved) == {'latest.pth', 'iter_2.pth'}
+    again = run_here(train, *run)
+    assert_one_line_error(again, f'{tmp_path} holds an earlier run\'s checkpoints (latest.pth, '
+                                 f'iter_2.pth)', '--resume-from auto', '--start-over')
+    assert {p.name: p.read_bytes() for p in tmp_path.glob('*.pth')} == saved
+    over = train_here(*run, '--start-over')
+    assert f'the earlier run\'s checkpoints and records are now in {tmp_path / "earlier-1"}' \
+        in over.stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'earlier-1').glob('*.pth')} == saved
+    assert train.read_resumable(tmp_path / 'latest.pth')['iteration'] == 2
+    assert (tmp_path / 'earlier-1' / 'metrics.jsonl').is_file()
+
+
+def test_outputs_on_a_full_disk_are_one_line_and_the_earlier_files_stay_whole(
+        own_images, initial_checkpoint, tmp_path):
+    """--images over an earlier run's outputs on a disk too full for them: one line naming the
+    file, what it needs and what is free; every earlier file as it was, no temporary file."""
+    with small_disk(tmp_path / 'disk', '2m') as disk:
+        segment = ['--ckpt', initial_checkpoint, '--images', own_images / 'street.png',
+                   own_images / 'palette.png', '--device', 'cpu', '--workers', 0, '--scale',
+                   256, 128, '--out-dir', disk / 'labels', '--show-dir', disk / 'pictures']
+        run_here(evaluation, *segment, check=True)
+        earlier = {p: p.read_bytes() for p in disk.rglob('*.png')}
+        assert len(earlier) == 4
+        fill(disk, leave=1024)
+        result = run_here(evaluation, *segment)
+        assert_one_line_error(result, f'cannot write {disk / "labels"}', 'No space left',
+                              'it needs', 'free there')
+        assert {p: p.read_bytes() for p in disk.rglob('*.png')} == earlier
+        assert not list(disk.rglob('*.tmp'))
+        (disk / 'filler').unlink()
+        fill(disk, leave=40 * 1024)               # --json: checked before, written whole
+        result = run_here(evaluation, '--ckpt', initial_checkpoint, '--data-path', own_images,
+                          '--json', disk / 'deep' / 'folder' / 'm.json')
+        assert result.returncode == 1 and 'Traceback' not in result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec('onnx') is None, reason='needs onnx')
+def test_an_onnx_export_to_a_read_only_or_full_disk_is_one_line_and_leaves_nothing(
+        initial_checkpoint, tmp_path):
+    with small_disk(tmp_path / 'ro', read_only=True) as read_only:
+        result = run_here(evaluation, '--ckpt', initial_checkpoint, '--export-onnx',
+                          read_only / 'm.onnx')
+        assert_one_line_error(result, f'--export-onnx {read_only}: cannot write in this folder '
+                                      f'(Read-only file system)')
+    with small_disk(tmp_path / 'full', '1m') as full:
+        (full / 'm.onnx').write_bytes(b'the earlier export')
+        result = run_here(evaluation, '--ckpt', initial_checkpoint, '--export-onnx',
+                          full / 'm.onnx')
+        assert_one_line_error(result, f'cannot write {full / "m.onnx"}', 'it needs 40.')
+        assert [p.name for p in full.iterdir()] == ['m.onnx']
+        assert (full / 'm.onnx').read_bytes() == b'the earlier export'
+
+
+def test_json_naming_a_folder_or_a_read_only_place_is_refused_before_the_evaluation(
+        data, checkpoint, tmp_path):
+    evaluate = ['--ckpt', checkpoint, '--data-path', data, '--device', 'cpu', '--workers', 0]
+    result = run_here(evaluation, *evaluate, '--json', tmp_path)
+    assert_one_line_error(result, f'--json {tmp_path} is a folder')
+    assert 'mIoU' not in result.stdout
+    with small_disk(tmp_path / 'ro', read_only=True) as read_only:
+        result = run_here(evaluation, *evaluate, '--json', read_only / 'm.json')
+        assert_one_line_error(result, f'--json {read_only}: cannot write in this folder')
+        assert 'mIoU' not in result.stdout
+
+
+def interrupt(command, ready, env=ENV):
+    """Run `command`, send Ctrl-C once the path `ready` exists, return the CompletedProcess."""
+    job = subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not ready.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGINT)
+    out, err = job.communicate(timeout=60)
+    return subprocess.CompletedProcess(command, job.returncode, out, err)
+
+
+def test_ctrl_c_in_eval_is_one_line_saying_how_far_it_got(data, own_images, initial_checkpoint,
+                                                         tmp_path):
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    for i in range(12):
+        shutil.copy(own_images / 'street.png', photos / f'{i:02d}.png')
+    command = [sys.executable, str(HERE / 'eval.py'), '--ckpt', str(initial_checkpoint),
+               '--device', 'cpu', '--workers', '1']
+    result = interrupt(command + ['--images', str(photos), '--out-dir', str(tmp_path / 'out')],
+                       tmp_path / 'out' / '00.png')
+    assert result.returncode == 130
+    assert_one_line_error(subprocess.CompletedProcess([], 1, result.stdout, result.stderr),
+                          'interrupted (Ctrl-C) after', 'of 12 images (images)')
+    assert not list((tmp_path / 'out').glob('*.tmp'))
+    for label in (tmp_path / 'out').glob('*.png'):
+        Image.open(label).load()                            # every file written is whole
+    result = interrupt(command + ['--data-path', str(data), '--show-dir', str(tmp_path / 'show')],
+                       tmp_path / 'show')
+    assert result.returncode == 130 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith('error: interrupted (Ctrl-C)')
+
+
+def test_a_disk_that_fills_while_training_logs_is_one_line(data, tmp_path):
+    with small_disk(tmp_path / 'disk', '4m') as disk:
+        job = subprocess.Popen([sys.executable, str(HERE / 'train.py'), *map(str, TINY),
+                                '--data-path', str(data), '--iters', '100000', '--workers', '0',
+                                '--log-interval', '1', '--work-dir', str(disk)], env=ENV,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for_line(disk / 'train.log', 'iter 2/', job=job)
+        fill(disk)
+        out, err = job.communicate(timeout=120)
+        result = subprocess.CompletedProcess([], job.returncode, out, err)
+        assert_one_line_error(result, f'cannot write {disk}', 'No space left on device',
+                              '--resume-from auto')
+
+
+def test_flags_and_places_that_cannot_work_are_one_line_before_any_work(data, tmp_path):
+    result = run_here(train, *TINY, '--data-path', data, '--crop-size', 100000)
+    assert_one_line_error(result, '--crop-size 100000 100000', 'give a smaller --crop-size')
+    assert_one_line_error(run_here(evaluation, '--benchmark', '--threads', -1),
+                          '--threads must be at least 1')
+    assert_one_line_error(run_here(train, *TINY, '--data-path', data, '--lr', 'nan'),
+                          '--lr must be positive, not nan')
+    result = run_here(train, *TINY, '--data-path', data, '--workers', -1)
+    assert_one_line_error(result, '--workers cannot be negative, not -1')
+    assert 'warmup' not in result.stderr
+    with small_disk(tmp_path / 'ro', read_only=True) as read_only:
+        assert_one_line_error(run_here(train, *TINY, '--data-path', data, '--work-dir',
+                                       read_only), f'--work-dir {read_only}: cannot write in '
+                                                   f'this folder (Read-only file system)')
+
+
+def test_a_16_bit_greyscale_image_is_read_as_the_reference_reads_it(initial_checkpoint, tmp_path):
+    """cv2 keeps a 16-bit PNG's high byte; convert('RGB') would clip it at 255 (a white
+    picture)."""
+    grey = bisenet.synthetic_scene(np.random.default_rng(3), (160, 96))[0].mean(2)
+    deep = (grey.astype(np.uint16) << 8) | np.uint16(0x5A)
+    (tmp_path / 'in').mkdir()
+    Image.fromarray(deep).save(tmp_path / 'in' / 'deep.png')
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / 'in' / 'flat.png')
+    assert Image.open(tmp_path / 'in' / 'deep.png').mode.startswith('I')
+    run_here(evaluation, '--ckpt', initial_checkpoint, '--images', tmp_path / 'in', '--device',
+             'cpu', '--workers', 0, '--scale', 160, 96, '--out-dir', tmp_path / 'out', check=True)
+    assert np.array_equal(np.array(Image.open(tmp_path / 'out' / 'deep.png')),
+                          np.array(Image.open(tmp_path / 'out' / 'flat.png')))
+
+
+def test_the_answers_a_user_needs_for_the_wrong_file_in_the_wrong_place(data, tmp_path):
+    model = bisenet.BiSeNetV1()
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'bisenet.pth')
+    resnet = {k: v for k, v in model.backbone.context_path.backbone.state_dict().items()}
+    torch.save(dict(resnet, **{'fc.weight': torch.zeros(1000, 512)}), tmp_path / 'resnet18.pth')
+    torch.save(model, tmp_path / 'whole.pth')                    # a pickled model
+    common = [*TINY, '--data-path', data, '--iters', 2, '--workers', 0]
+    cases = [
+        (train, ['--load-from', tmp_path / 'resnet18.pth'], 'give it with --pretrained'),
+        (train, ['--pretrained', tmp_path / 'bisenet.pth'], 'give it with --load-from'),
+        (train, ['--data-path', tmp_path / 'bisenet.pth'], 'is a file, not a folder'),
+        (evaluation, ['--ckpt', tmp_path, '--data-path', data], f'{tmp_path} is a folder'),
+        (evaluation, ['--onnx', tmp_path / 'bisenet.pth'], 'give it with --ckpt'),
+        (evaluation, ['--ckpt', tmp_path / 'bisenet.pth'], 'give --data-path ROOT'),
+        (evaluation, ['--ckpt', tmp_path / 'resnet18.pth', '--data-path', data],
+         'train one from them with train.py --pretrained')]
+    for module, args, words in cases:
+        extra = [*common, '--work-dir', tmp_path / 'never'] if module is train else []
+        assert_one_line_error(run_here(module, *extra, *args), words)
+    assert not (tmp_path / 'never').exists()                   # a failed start leaves nothing
+    whole = run_here(evaluation, '--ckpt', tmp_path / 'whole.pth', '--data-path', data,
+                     '--trust-pickle', '--device', 'cpu', '--workers', 0)
+    assert whole.returncode == 0 and 'mIoU' in whole.stdout
+    train_here(*common, '--work-dir', tmp_path / 'run')
+    resumed = train_here(*common, '--work-dir', tmp_path / 'run', '--iters', 4,
+                         '--resume-from', 'auto', '--batch-size', 4)
+    assert 'continues with --batch-size 4 (it trained with 2)' in resumed.stdout
+
+
 def test_auto_resume_skips_checkpoints_that_cannot_be_read(data, tmp_path):
     common = [*TINY, '--data-path', data, '--ckpt-interval', 2, '--workers', 2,
               '--work-dir', tmp_path]
@@ -2049,7 +2280,9 @@ def test_demo_on_a_tiny_budget_then_its_resume_says_it_is_complete(tmp_path):
     assert done.startswith('demo done: mIoU')
     assert list((tmp_path / 'demo_predictions').rglob('*.png'))
     assert (tmp_path / 'best.pth').is_file()
-    again = train_here(*demo, '--resume-from', 'auto')
+    assert f'python eval.py --ckpt {tmp_path / "best.pth"} --data-path ' \
+           f'{tmp_path / "demo_data"}' in done
+    again = train_here(*demo)                   # run again, the demo repeats its result
     assert 'Traceback' not in again.stderr
     assert f'{tmp_path / "latest.pth"} is at iteration 4: the run is complete' in again.stdout
     assert again.stdout.strip().splitlines()[-1] == done
@@ -2064,7 +2297,7 @@ def test_perf_mode_prints_fps(data, tmp_path):
 
 def test_train_bad_input(data, tmp_path):
     (tmp_path / 'latest.pth').write_bytes(b'keep me')
-    base = ['--work-dir', tmp_path, '--device', 'cpu']
+    base = ['--work-dir', tmp_path / 'run', '--device', 'cpu']
     cases = [
         (['--data-path', tmp_path / 'none'], 'does not exist'),
         (['--data-path', tmp_path], 'gtFine'),

@@ -49,8 +49,10 @@ except ImportError:
 from eval import evaluate, format_table, metrics_record
 
 # What --demo changes, unless given on the command line: a CPU-sized schedule.
+# Run again, the demo continues where it stopped, or repeats its result (resume_from).
 DEMO_DEFAULTS = dict(iters=300, batch_size=8, crop_size=[128], workers=2, log_interval=25,
-                     val_interval=300, ckpt_interval=300, work_dir='output/demo')
+                     val_interval=300, ckpt_interval=300, work_dir='output/demo',
+                     resume_from='auto')
 
 
 def get_args_parser():
@@ -90,6 +92,9 @@ def get_args_parser():
                         'of another class count: all but the classifiers)')
     parser.add_argument('--resume-from', help='checkpoint to continue exactly, or "auto" for '
                         'the newest one of WORK_DIR that loads (latest.pth, else iter_N.pth)')
+    parser.add_argument('--start-over', action='store_true', help='start afresh in a WORK_DIR '
+                        'that holds an earlier run\'s checkpoints, moving its files to '
+                        'WORK_DIR/earlier-N/ first')
     parser.add_argument('--trust-pickle', action='store_true',
                         help='load weight files that hold pickled objects (runs their code)')
     # schedule of side jobs
@@ -113,10 +118,13 @@ def get_args_parser():
 def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    given = ' '.join(argv if argv is not None else sys.argv)
     if args.demo:
         parser.set_defaults(**DEMO_DEFAULTS)
         args = parser.parse_args(argv)
-    if args.perf and '--iters' not in ' '.join(argv if argv is not None else sys.argv):
+        if (args.start_over or args.load_from) and '--resume-from' not in given:
+            args.resume_from = None
+    if args.perf and '--iters' not in given:
         args.iters = 100
     if args.warmup_iters is None:
         args.warmup_iters = max(1, round(1000 * args.iters / 160000))
@@ -125,25 +133,50 @@ def parse_args(argv=None):
     return args
 
 
+def physical_memory():
+    """This machine's memory in bytes, or None where it cannot be read."""
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def check_args(args):
     """Flag combinations that cannot work: one clear line before anything is touched."""
     for name in ('iters', 'batch_size', 'lr', 'val_interval', 'ckpt_interval', 'log_interval'):
-        if getattr(args, name) <= 0:
+        if not getattr(args, name) > 0:             # not > 0: NaN too
             raise bisenet.SetupError(f'--{name.replace("_", "-")} must be positive, '
                                      f'not {getattr(args, name)}')
+    if not np.isfinite(args.lr) or not np.isfinite(args.loss_scale):
+        raise bisenet.SetupError(f'--lr and --loss-scale must be finite numbers, not {args.lr} '
+                                 f'and {args.loss_scale}')
     if args.batch_size == 1:
         raise bisenet.SetupError('--batch-size 1 cannot train BiSeNetV1: the BatchNorms of its '
                                  'attention (ARM, FFM, global context) would see one value per '
                                  'channel; give 2 or more images per device')
     args.crop_size = bisenet.parse_crop_size(args.crop_size)
-    if args.warmup_iters < 0 or args.workers < 0:
-        raise bisenet.SetupError('--warmup-iters and --workers cannot be negative')
+    batch_bytes = 4 * args.batch_size * args.crop_size[0] * args.crop_size[1]   # RGB + label
+    memory = physical_memory()
+    if memory and batch_bytes > memory / 2:
+        raise bisenet.SetupError(
+            f'--crop-size {args.crop_size[0]} {args.crop_size[1]}: a batch of {args.batch_size} '
+            f'such crops is {bisenet.size_text(batch_bytes)} of pixels before the model sees '
+            f'it, over half of this machine\'s memory ({bisenet.size_text(memory)}); give a '
+            f'smaller --crop-size')
+    for name in ('warmup_iters', 'workers'):
+        if getattr(args, name) < 0:
+            raise bisenet.SetupError(f'--{name.replace("_", "-")} cannot be negative, not '
+                                     f'{getattr(args, name)}')
     if args.data_path is None and not args.demo:
         raise bisenet.SetupError('--data-path is required (a Cityscapes root or a data set of '
                                  'your own), or --demo')
     if args.resume_from and args.resume_from != 'auto' and not Path(args.resume_from).is_file():
-        raise bisenet.SetupError(f'--resume-from {args.resume_from} does not exist; give an '
-                                 f'existing checkpoint or "auto"')
+        what = 'is a folder' if Path(args.resume_from).is_dir() else 'does not exist'
+        raise bisenet.SetupError(f'--resume-from {args.resume_from} {what}; give a checkpoint '
+                                 f'file or "auto"')
+    if args.start_over and args.resume_from:
+        raise bisenet.SetupError('--start-over and --resume-from exclude each other: start over, '
+                                 'or continue')
     if args.sync_debug and (args.perf or args.prof):
         raise bisenet.SetupError('--sync-debug excludes --perf and --prof: their timer and '
                                  'profiler sync with the device')
@@ -261,21 +294,27 @@ def open_tensorboard(folder, start_iter):
     return SummaryWriter(str(folder))
 
 
+def read_records(path):
+    """The records of metrics.jsonl (none where there is no file), without a last line that
+    a kill cut short."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+            if isinstance(record, dict) and isinstance(record.get('iter'), int):
+                records.append(record)
+        except ValueError:
+            pass
+    return records
+
+
 def keep_records_until(path, iteration):
     """Rewrite metrics.jsonl (atomically) without its records after `iteration`, and without
     a last line that a kill cut short."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)['iter'] <= iteration:
-                kept.append(line + '\n')
-        except (ValueError, KeyError, TypeError):
-            pass
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(''.join(kept))
-    os.replace(tmp, path)
+    if path.is_file():
+        bisenet.save_bytes(path, ''.join(json.dumps(record) + '\n' for record in
+                                         read_records(path) if record['iter'] <= iteration)
+                           .encode())
 
 
 def tag_name(name):
@@ -365,40 +404,107 @@ def newest_resumable(work_dir, log):
 # ----------------------------------------------------------------------------------------------
 
 
-def hold_work_dir(work_dir, runtime):
-    """One run per work dir: rank 0 creates it and locks WORK_DIR/train.lock until the lock's
-    file is closed or the process dies, and every rank learns whether another run holds it.
-    Returns the lock's open file (None on ranks > 0).
+def hold_work_dir(args, runtime):
+    """One run per work dir: rank 0 creates it, locks WORK_DIR/train.lock until the lock's file
+    is closed or the process dies, and refuses a fresh start over an earlier run's checkpoints
+    (earlier_run); every rank learns the verdict. Returns (the lock's open file, None on ranks
+    > 0; the files and folders this run made there, in order; the line earlier_run gives).
 
     A POSIX record lock (lockf), not flock: it belongs to this process alone. The data workers,
     label-survey processes and cache writers forked later inherit the open file, and with flock
     they would hold the lock on until they noticed their parent's death, refusing a restart
     right after a kill -9; a record lock is never inherited, and the kernel drops it the moment
     this process dies, however it dies."""
-    verdict, lock = None, None
+    work_dir, verdict, lock, made, note = Path(args.work_dir), None, None, [], None
     if runtime.rank == 0:
-        bisenet.make_dir(work_dir, '--work-dir')
-    if runtime.rank == 0 and fcntl is not None:
-        lock = open(work_dir / 'train.lock', 'a+')
+        made = [path for path in (work_dir, work_dir / 'train.lock', work_dir / 'train.log',
+                                  work_dir / 'metrics.jsonl') if not path.exists()]
         try:
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            lock.seek(0)
-            lock.truncate()
-            lock.write(f'{socket.gethostname()} {os.getpid()}\n')
-            lock.flush()
-        except OSError:
-            lock.seek(0)
-            host, pid = (lock.read().split() + ['?', '?'])[:2]
-            lock.close()
-            verdict = (f'{work_dir} is in use by another training run (pid {pid} on {host}): '
-                       f'stop that run, or give this one another --work-dir')
+            bisenet.make_dir(work_dir, '--work-dir')
+            lock = lock_work_dir(work_dir)
+            note = earlier_run(args, work_dir)
+        except bisenet.SetupError as e:
+            verdict = str(e)
     if runtime.distributed:
         shared = [verdict]
         torch.distributed.broadcast_object_list(shared, src=0)
         verdict = shared[0]
     if verdict:
+        if lock is not None:
+            lock.close()
         raise bisenet.SetupError(verdict)
+    return lock, made, note
+
+
+def lock_work_dir(work_dir):
+    """WORK_DIR/train.lock, locked by this process and naming it (hold_work_dir); None where
+    the system has no record locks."""
+    if fcntl is None:
+        return None
+    path = work_dir / 'train.lock'
+    lock = open(path, 'a+')
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        host, pid = (lock.read().split() + ['?', '?'])[:2]
+        lock.close()
+        raise bisenet.SetupError(f'{work_dir} is in use by another training run (pid {pid} on '
+                                 f'{host}): stop that run, or give this one another --work-dir')
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f'{socket.gethostname()} {os.getpid()}\n')
+        lock.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            lock.close()
+        raise bisenet.OutputError(bisenet.write_failure(path, e)) from None
     return lock
+
+
+EARLIER_RUN = ('latest.pth', 'best.pth', 'metrics.jsonl', 'train.log', 'tensorboard', 'prof',
+               'demo_predictions')
+
+
+def earlier_run(args, work_dir):
+    """A fresh start (no --resume-from) in a work dir that holds checkpoints is refused in one
+    line that names them and what to do; with --start-over the earlier run's files are moved to
+    WORK_DIR/earlier-N/ first, and the line to log says where. None where there is none."""
+    checkpoints = checkpoints_newest_first(work_dir) + [
+        path for path in [work_dir / 'best.pth'] if path.is_file()]
+    if args.resume_from or not checkpoints:
+        return None
+    names = ', '.join(path.name for path in checkpoints[:3]) + (
+        f' and {len(checkpoints) - 3} more' if len(checkpoints) > 3 else '')
+    if not args.start_over:
+        raise bisenet.SetupError(f'{work_dir} holds an earlier run\'s checkpoints ({names}): '
+                                 f'continue it with --resume-from auto, start afresh in another '
+                                 f'--work-dir, or add --start-over to move its files to '
+                                 f'{work_dir}/earlier-N/ first')
+    number = 1
+    while (work_dir / f'earlier-{number}').exists():
+        number += 1
+    folder = work_dir / f'earlier-{number}'
+    folder.mkdir()
+    for path in checkpoints + [work_dir / name for name in EARLIER_RUN]:
+        if path.exists():
+            path.replace(folder / path.name)
+    return f'--start-over: the earlier run\'s checkpoints and records are now in {folder}'
+
+
+def forget_failed_start(made):
+    """After a run that failed: remove what it made in the work dir (hold_work_dir's list), so
+    that a start that failed before training (a bad weight file, a data set that cannot be
+    read; no metrics.jsonl yet) leaves no lock, log or folder behind, and a later failure
+    leaves no lock or empty file."""
+    started = any(path.name == 'metrics.jsonl' and path.exists() for path in made)
+    for path in reversed(made):
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                path.rmdir()                        # only if empty
+            elif not started or path.name == 'train.lock' or path.stat().st_size == 0:
+                path.unlink()
 
 
 def fault_line(error, args):
@@ -407,6 +513,11 @@ def fault_line(error, args):
     message = str(error).strip()
     checkpoints = checkpoints_newest_first(Path(args.work_dir))
     resume = f'{checkpoints[0]}' if checkpoints else 'none yet'
+    if isinstance(error, MemoryError) or any(text in message for text in (
+            'out of memory', "can't allocate memory", 'not enough memory')):
+        return (f'out of memory ("{bisenet.one_line(error)[:120]}"): give a smaller --batch-size '
+                f'or --crop-size, and continue with --resume-from auto (last checkpoint: '
+                f'{resume})')
     if 'DataLoader worker' in message:
         return (f'a data-loading worker died ("{bisenet.one_line(error)}"), most likely '
                 f'killed for memory by the out-of-memory killer: run with fewer --workers, or '
@@ -499,15 +610,26 @@ def open_log(work_dir, runtime, opened):
     def log(message):
         if runtime.rank == 0:
             print(message, flush=True)
-            log_file.write(message + '\n')
-            log_file.flush()
+            append_line(log_file, message)
 
     def announce(message):
         if runtime.rank == 0:
-            for stream in (sys.stdout, log_file):
-                stream.flush()
-                os.write(stream.fileno(), (message + '\n').encode())
+            with contextlib.suppress(OSError):      # a full disk: the stop goes on regardless
+                for stream in (sys.stdout, log_file):
+                    stream.flush()
+                    os.write(stream.fileno(), (message + '\n').encode())
     return log, announce
+
+
+def append_line(file, line):
+    """Append a line to an open record (train.log, metrics.jsonl), flushed; a write that fails
+    (a full disk) is OutputError naming the file and what to do."""
+    try:
+        file.write(line + '\n')
+        file.flush()
+    except OSError as e:
+        raise bisenet.OutputError(bisenet.write_failure(
+            file.name, e, then='continue with --resume-from auto')) from None
 
 
 def make_data_sets(args, runtime, validate, log):
@@ -596,7 +718,20 @@ def resume(args, runtime, model, optimizer, scaler, log):
     else:
         log(f'{path} is at iteration {ckpt["iteration"]}: the run is complete (--iters '
             f'{args.iters}), nothing to train; give a larger --iters to train on')
-    return ckpt['iteration'], ckpt.get('best_miou', -1.0)
+    saved, changed = ckpt.get('args') or {}, []
+    for name in ('batch_size', 'crop_size'):
+        ours = ' '.join(map(str, np.atleast_1d(getattr(args, name))))
+        theirs = ' '.join(map(str, np.atleast_1d(saved.get(name, getattr(args, name)))))
+        if ours != theirs:
+            changed.append(f'--{name.replace("_", "-")} {ours} (it trained with {theirs})')
+    if changed:
+        log(f'note: {path} continues with {" and ".join(changed)}: the schedule goes on, the '
+            f'images per iteration change')
+    # A checkpoint is written before its iteration's validation: that validation's mIoU is in
+    # the records, not in the checkpoint.
+    validated = [record['mIoU'] for record in read_records(Path(args.work_dir) / 'metrics.jsonl')
+                 if 'mIoU' in record and record['iter'] <= ckpt['iteration']]
+    return ckpt['iteration'], max([ckpt.get('best_miou', -1.0)] + validated)
 
 
 def make_loader(args, runtime, train_set, start_iter):
@@ -679,8 +814,7 @@ class Run:
         """A record into metrics.jsonl, and its `scalars` (tag -> value) and `pictures`
         (name -> PIL image) into TensorBoard."""
         if self.metrics_file:
-            self.metrics_file.write(json.dumps(record) + '\n')
-            self.metrics_file.flush()
+            append_line(self.metrics_file, json.dumps(record))
         if self.board:
             for tag, value in scalars.items():
                 self.board.add_scalar(tag, value, iteration)
@@ -755,6 +889,10 @@ def validate(run, iteration):
                        workers=min(args.workers, 2), log=run.log, keep_pictures=run.shown)
     run.log(format_table(metrics, model.classes))
     record = dict({'iter': iteration}, **metrics_record(metrics, model.classes))
+    if metrics['skipped']:
+        run.log(f'note: validation left out {len(metrics["skipped"])} image(s) it could not '
+                f'read: {"; ".join(metrics["skipped"][:3])}')
+        record['skipped_images'] = len(metrics['skipped'])
     scalars = {f'val/{key}': record[key] for key in ('mIoU', 'mAcc', 'aAcc')}
     for key, tag in (('per_class', 'IoU'), ('per_class_acc', 'Acc')):
         scalars.update((f'val/{tag}/{tag_name(name)}', value)
@@ -770,8 +908,9 @@ def validate(run, iteration):
 
 def sync_point(run, iteration, lr, window):
     """What an iteration due() for does besides its step, in this order: the health check
-    (so that no checkpoint ever holds a diverged run), the log, validation (and best.pth), the
-    checkpoints, the stop signal. Returns the next window, or None where the run stops."""
+    (so that no checkpoint ever holds a diverged run), the log, the checkpoints (before
+    anything else can fail), validation (and best.pth), the stop signal. Returns the next
+    window, or None where the run stops."""
     args, runtime, model = run.args, run.runtime, run.model
     log_due, val_due, save_due = due(iteration, args, run.validate)
     runtime.forbid_syncs(False)
@@ -791,10 +930,10 @@ def sync_point(run, iteration, lr, window):
         run.write(record, {f'train/{key}': value for key, value in record.items()
                            if key not in ('iter', 'eta_s')}, iteration)
         window = Window(iteration + 1, runtime.device)
-    if val_due:
-        validate(run, iteration)
     if save_due:
         run.checkpoint(iteration, [f'iter_{iteration}.pth', 'latest.pth'])
+    if val_due:
+        validate(run, iteration)
     if stopping and iteration < args.iters:
         run.checkpoint(iteration, ['latest.pth'])
         run.log(f'stopped by {run.stop.signal or "signal"} at iteration {iteration}: saved '
@@ -804,23 +943,28 @@ def sync_point(run, iteration, lr, window):
     return window
 
 
-def demo_result(miou, val_images, work_dir):
+def demo_result(miou, val_images, work_dir, data_path):
     return (f'demo done: mIoU {miou:.2f} on {val_images} synthetic val images; pictures in '
-            f'{work_dir / "demo_predictions"}, checkpoints in {work_dir}')
+            f'{work_dir / "demo_predictions"}, checkpoints in {work_dir}; evaluate it with: '
+            f'python eval.py --ckpt {work_dir / "best.pth"} --data-path {data_path} (or '
+            f'--images FILES in place of --data-path)')
 
 
-def train(args, runtime, opened):
+def train(args, runtime, opened, note=None):
     """The recipe, top-down: data, model and resume, then the loop. What it opens (files, the
-    signal handlers) goes on `opened`, which main() closes however the run ends."""
+    signal handlers) goes on `opened`, which main() closes however the run ends. `note`: a
+    line hold_work_dir has for the log."""
     work_dir = Path(args.work_dir)                # made and locked by hold_work_dir
     log, announce = open_log(work_dir, runtime, opened)
+    if note:
+        log(note)
     validate = not (args.no_validate or args.perf or args.prof)
     train_set, val_set = make_data_sets(args, runtime, validate, log)
     model, optimizer, scaler = make_model(args, runtime, train_set, log)
     start_iter, best_miou = resume(args, runtime, model, optimizer, scaler, log)
     if start_iter >= args.iters:                  # a finished run: resume() said so
         if args.demo and validate:
-            log(demo_result(best_miou, len(val_set), work_dir))
+            log(demo_result(best_miou, len(val_set), work_dir, args.data_path))
         return
     ddp_model = runtime.data_parallel(model)
     loader = make_loader(args, runtime, train_set, start_iter)
@@ -889,32 +1033,37 @@ def train(args, runtime, opened):
         images = (iteration - start_iter - perf_warmup) * args.batch_size * runtime.world_size
         log(f'FPS: {images / (time.time() - perf_start):.2f}')
     if args.demo and validate:
-        log(demo_result(run.last_miou, len(val_set), work_dir))
+        log(demo_result(run.last_miou, len(val_set), work_dir, args.data_path))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime, lock = None, None
+    runtime, lock, made, failed = None, None, [], True
     opened = contextlib.ExitStack()          # what train() opens: closed here, however it ends
     try:
         check_args(args)
         runtime = bisenet.Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
-        lock = hold_work_dir(Path(args.work_dir), runtime)
-        train(args, runtime, opened)
+        lock, made, note = hold_work_dir(args, runtime)
+        train(args, runtime, opened, note)
+        failed = False
     except (bisenet.SetupError, bisenet.DatasetError, bisenet.CheckpointError) as e:
-        sys.exit(f'error: {bisenet.one_line(e)}')
+        bisenet.fail(f'error: {bisenet.one_line(e)}')
     except KeyboardInterrupt:
         print(interrupted(args), file=sys.stderr, flush=True)
         sys.exit(130)                               # the shell's status for SIGINT
-    except RuntimeError as e:
+    except (RuntimeError, MemoryError) as e:
         line = fault_line(e, args) if runtime is not None else None
         if line is None:
             raise
-        sys.exit(f'error: {line}')
+        bisenet.fail(f'error: {line}')
     finally:
-        opened.close()
-        if lock is not None:
-            lock.close()                            # and with it the work dir's lock
+        # Files flush at each line: a full disk failing them again here was reported already.
+        with contextlib.suppress(OSError):
+            opened.close()
+            if lock is not None:
+                lock.close()                        # and with it the work dir's lock
+        if failed:
+            forget_failed_start(made)
         if runtime is not None:
             runtime.close(finished=sys.exc_info()[0] is None)
 
