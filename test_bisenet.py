@@ -26,10 +26,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 import bisenet
+import data as datalib
 import eval as evaluation
+import runtime
 import train
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / 'tools'))
+import check_data  # noqa: E402
+import export_onnx  # noqa: E402
+import run_onnx  # noqa: E402
+import video as video_tool  # noqa: E402
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(HERE))
 
 # mmsegmentation 1.2.2's BiSeNetV1 R-18 state dict, the entries outside its ResNet (which uses
@@ -160,7 +167,7 @@ def assert_one_line_error(result, *words):
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     """A tiny synthetic Cityscapes (raw labelIds, city folders)."""
-    return bisenet.make_synthetic_cityscapes(tmp_path_factory.mktemp('cityscapes'), num_train=8,
+    return datalib.make_synthetic_cityscapes(tmp_path_factory.mktemp('cityscapes'), num_train=8,
                                              num_val=4, size=(128, 64), seed=1)
 
 
@@ -280,7 +287,7 @@ def test_fast_inference_path_equals_the_plain_model():
     x = torch.randn(1, 3, 67, 123)
     with torch.no_grad():
         plain = model(x)
-        fast_model = evaluation.prepare_for_inference(model, bisenet.Runtime('cpu'))
+        fast_model = evaluation.prepare_for_inference(model, runtime.Runtime('cpu'))
         fast = fast_model(x.contiguous(memory_format=torch.channels_last))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast_model.modules())
     assert batch_norms == [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -290,7 +297,7 @@ def test_fast_inference_path_equals_the_plain_model():
 
 def test_benchmark_times_the_plain_model_against_the_fast_path():
     model, lines = bisenet.BiSeNetV1().eval(), []
-    evaluation.benchmark(model, bisenet.Runtime('cpu'), size=(64, 128), warmup=1, rounds=2,
+    evaluation.benchmark(model, runtime.Runtime('cpu'), size=(64, 128), warmup=1, rounds=2,
                          log=lines.append)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())   # really plain
     assert lines[0].startswith('plain model') and lines[1].startswith('fast path')
@@ -305,8 +312,8 @@ def test_benchmark_times_the_plain_model_against_the_fast_path():
 
 def test_label_map_is_the_official_table():
     for label_id, train_id in OFFICIAL_TRAIN_IDS.items():
-        assert bisenet.TRAIN_IDS[label_id] == train_id, label_id
-    assert (bisenet.TRAIN_IDS[34:] == 255).all()
+        assert datalib.TRAIN_IDS[label_id] == train_id, label_id
+    assert (datalib.TRAIN_IDS[34:] == 255).all()
     assert len(bisenet.CLASSES) == len(bisenet.PALETTE) == 19
 
 
@@ -324,7 +331,7 @@ def test_layouts_official_and_flat_with_extra_files(tmp_path):
     write_pair(official, 'train', 'bonn/bonn_000001_000019', 'labelTrainIds', value=13)
     for extra in ('gtFine_color.png', 'gtFine_instanceIds.png', 'gtFine_polygons.json'):
         (official / 'gtFine' / 'train' / 'aachen' / f'aachen_000000_000019_{extra}').write_bytes(b'x')
-    dataset = bisenet.Cityscapes(official, 'train')
+    dataset = datalib.Cityscapes(official, 'train')
     assert len(dataset) == 2
     assert [dataset.name(i) for i in range(2)] == ['aachen/aachen_000000_000019',
                                                    'bonn/bonn_000001_000019']
@@ -333,45 +340,45 @@ def test_layouts_official_and_flat_with_extra_files(tmp_path):
         assert image.shape == (20, 40, 3) and image.dtype == np.uint8
         assert label.shape == (20, 40) and (label == 13).all()     # raw 26 and train id 13: car
     write_pair(flat, 'val', 'frankfurt_000000_000294', value=3)      # raw 3: ignored
-    assert (bisenet.Cityscapes(flat, 'val')[0][1] == 255).all()
+    assert (datalib.Cityscapes(flat, 'val')[0][1] == 255).all()
 
 
 def test_broken_data_sets_fail_with_the_path(tmp_path):
-    with pytest.raises(bisenet.DatasetError, match='does not exist'):
-        bisenet.Cityscapes(tmp_path / 'nowhere')
+    with pytest.raises(datalib.DatasetError, match='does not exist'):
+        datalib.Cityscapes(tmp_path / 'nowhere')
     write_pair(tmp_path, 'train', 'a/a_0_0')
-    with pytest.raises(bisenet.DatasetError, match='leftImg8bit/val is missing'):
-        bisenet.Cityscapes(tmp_path, 'val')
+    with pytest.raises(datalib.DatasetError, match='leftImg8bit/val is missing'):
+        datalib.Cityscapes(tmp_path, 'val')
     (tmp_path / 'leftImg8bit' / 'test').mkdir()
     (tmp_path / 'gtFine' / 'test').mkdir()
-    with pytest.raises(bisenet.DatasetError, match='no \\*_leftImg8bit.png images'):
-        bisenet.Cityscapes(tmp_path, 'test')
+    with pytest.raises(datalib.DatasetError, match='no \\*_leftImg8bit.png images'):
+        datalib.Cityscapes(tmp_path, 'test')
     write_pair(tmp_path, 'train', 'a/a_1_0')
     (tmp_path / 'gtFine' / 'train' / 'a' / 'a_1_0_gtFine_labelIds.png').unlink()
-    with pytest.raises(bisenet.DatasetError, match='label missing for .*a_1_0_leftImg8bit.png'):
-        bisenet.Cityscapes(tmp_path, 'train')
+    with pytest.raises(datalib.DatasetError, match='label missing for .*a_1_0_leftImg8bit.png'):
+        datalib.Cityscapes(tmp_path, 'train')
     write_pair(tmp_path, 'train', 'a/a_1_0')
     (tmp_path / 'leftImg8bit' / 'train' / 'a' / 'a_1_0_leftImg8bit.png').write_bytes(b'\x89PNG junk')
-    with pytest.raises(bisenet.DatasetError, match='cannot read .*a_1_0_leftImg8bit.png'):
-        bisenet.Cityscapes(tmp_path, 'train')[1]
+    with pytest.raises(datalib.DatasetError, match='cannot read .*a_1_0_leftImg8bit.png'):
+        datalib.Cityscapes(tmp_path, 'train')[1]
 
 
 def test_crop_rule():
-    assert not bisenet.accept_crop(np.full((10, 10), 3, np.uint8))             # one class
+    assert not datalib.accept_crop(np.full((10, 10), 3, np.uint8))             # one class
     label = np.full((10, 10), 3, np.uint8)
     label[:2] = 5                                                               # 80 % class 3
-    assert not bisenet.accept_crop(label)
+    assert not datalib.accept_crop(label)
     label[:3] = 5                                                               # 70 %
-    assert bisenet.accept_crop(label)
+    assert datalib.accept_crop(label)
     label[:5] = 255                                                             # 3 vs 2 labelled
     label[5:7] = 5
-    assert bisenet.accept_crop(label)
+    assert datalib.accept_crop(label)
     label[5:6] = 255
-    assert not bisenet.accept_crop(label)                                       # 3 vs 1: 75 %
+    assert not datalib.accept_crop(label)                                       # 3 vs 1: 75 %
 
 
 def test_train_transform_outputs(data):
-    dataset = bisenet.Cityscapes(data, 'train', bisenet.TrainTransform((96, 96)))
+    dataset = datalib.Cityscapes(data, 'train', datalib.TrainTransform((96, 96)))
     for position in range(6):
         image, label = dataset[(position % len(dataset), (0, position))]
         assert image.shape == (3, 96, 96) and image.dtype == torch.float32
@@ -379,21 +386,21 @@ def test_train_transform_outputs(data):
         assert image.min() >= -2.2 and image.max() <= 2.7          # normalised 0..255
         assert set(label.unique().tolist()) <= set(range(19)) | {255}
     # Smaller than the crop (64 rows at ratio <= 1): padded with 0 and 255 at the bottom
-    dataset.transform = bisenet.TrainTransform((200, 300), ratio_range=(0.5, 0.5), on_device=True)
+    dataset.transform = datalib.TrainTransform((200, 300), ratio_range=(0.5, 0.5), on_device=True)
     image, label, params = dataset[(0, (0, 0))]
     assert image.dtype == torch.uint8 and image.shape == (3, 200, 300)
     assert params['size'].tolist() == [32, 64]
     assert (image[:, 32:] == 0).all() and (label[32:] == 255).all() and (label[:, 64:] == 255).all()
     batch = torch.utils.data.default_collate([dataset[(0, (0, 0))]])
-    normalised = bisenet.distort_and_normalize(batch[0], batch[2])
+    normalised = datalib.distort_and_normalize(batch[0], batch[2])
     assert (normalised[0, :, 32:] == 0).all() and (normalised[0, :, :, 64:] == 0).all()
 
 
 def test_samples_are_the_same_with_any_worker_count_and_after_a_resume(data):
-    dataset = bisenet.Cityscapes(data, 'train', bisenet.TrainTransform((64, 64), on_device=True))
+    dataset = datalib.Cityscapes(data, 'train', datalib.TrainTransform((64, 64), on_device=True))
 
     def batches(workers, start=0, count=4):
-        sampler = bisenet.InfiniteSampler(len(dataset), seed=3, start=start)
+        sampler = datalib.InfiniteSampler(len(dataset), seed=3, start=start)
         loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler,
                                              num_workers=workers)
         return [batch for _, batch in zip(range(count), loader)]
@@ -403,13 +410,13 @@ def test_samples_are_the_same_with_any_worker_count_and_after_a_resume(data):
     for a, b in zip(zero[2:], resumed):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(zero[0][0], zero[1][0])
-    other_seed = bisenet.InfiniteSampler(len(dataset), seed=4)
-    assert [k for _, k in zip(range(8), other_seed)] != [k for _, k in zip(range(8), bisenet.InfiniteSampler(len(dataset), seed=3))]
+    other_seed = datalib.InfiniteSampler(len(dataset), seed=4)
+    assert [k for _, k in zip(range(8), other_seed)] != [k for _, k in zip(range(8), datalib.InfiniteSampler(len(dataset), seed=3))]
 
 
 def cached_and_plain(data, cache_dir, transform):
-    return (bisenet.Cityscapes(data, 'train', transform, cache_dir=cache_dir),
-            bisenet.Cityscapes(data, 'train', transform))
+    return (datalib.Cityscapes(data, 'train', transform, cache_dir=cache_dir),
+            datalib.Cityscapes(data, 'train', transform))
 
 
 def assert_same_samples(a, b, positions=range(8)):
@@ -423,8 +430,8 @@ def assert_same_samples(a, b, positions=range(8)):
 
 
 def test_cached_samples_are_bitwise_those_of_the_files(data, tmp_path):
-    for transform in (bisenet.TrainTransform((48, 80), ratio_range=(0.5, 2.0), on_device=True),
-                      bisenet.TrainTransform((64, 64)), bisenet.EvalTransform(on_device=True)):
+    for transform in (datalib.TrainTransform((48, 80), ratio_range=(0.5, 2.0), on_device=True),
+                      datalib.TrainTransform((64, 64)), datalib.EvalTransform(on_device=True)):
         cached, plain = cached_and_plain(data, tmp_path / 'cache', transform)
         assert_same_samples(cached, plain)           # filling: decoded, written
         assert_same_samples(cached, plain)           # warm: read from the memory maps
@@ -436,7 +443,7 @@ def test_cached_samples_are_bitwise_those_of_the_files(data, tmp_path):
 
 
 def test_a_truncated_entry_or_a_changed_source_is_rebuilt(data, tmp_path):
-    transform = bisenet.TrainTransform((64, 64), on_device=True)
+    transform = datalib.TrainTransform((64, 64), on_device=True)
     cached, plain = cached_and_plain(data, tmp_path, transform)
     assert_same_samples(cached, plain)
     entry = cached.cache.path(cached.name(0))
@@ -451,7 +458,7 @@ def test_a_truncated_entry_or_a_changed_source_is_rebuilt(data, tmp_path):
     shutil.copytree(data, copy)
     cached, plain = cached_and_plain(copy, tmp_path / 'cache2', transform)
     assert_same_samples(cached, plain, positions=[0])
-    image, _ = bisenet.synthetic_scene(np.random.default_rng(99), size=(128, 64))
+    image, _ = datalib.synthetic_scene(np.random.default_rng(99), size=(128, 64))
     Image.fromarray(image).save(plain.samples[0][0])
     assert_same_samples(cached, plain, positions=[0])
 
@@ -459,7 +466,7 @@ def test_a_truncated_entry_or_a_changed_source_is_rebuilt(data, tmp_path):
 def test_two_processes_filling_one_cache_at_once(data, tmp_path):
     # Each writer waits, before it renames its finished entry into place, until the other has
     # finished the same entry too: both temporary files exist at once, for every entry.
-    script = ('import os, sys, time, bisenet\n'
+    script = ('import os, sys, time, data as datalib\n'
               'from pathlib import Path\n'
               'rename = os.replace\n'
               'def meet_then_rename(src, dst):\n'
@@ -470,7 +477,7 @@ def test_two_processes_filling_one_cache_at_once(data, tmp_path):
               '        time.sleep(0.001)\n'
               '    rename(src, dst)\n'
               'os.replace = meet_then_rename\n'
-              'd = bisenet.Cityscapes(sys.argv[1], "train", cache_dir=sys.argv[2])\n'
+              'd = datalib.Cityscapes(sys.argv[1], "train", cache_dir=sys.argv[2])\n'
               'for r in range(3):\n'
               '    for i in range(len(d)): d[i]\n')
     processes = [subprocess.Popen([sys.executable, '-c', script, str(data), str(tmp_path)],
@@ -479,7 +486,7 @@ def test_two_processes_filling_one_cache_at_once(data, tmp_path):
         assert process.wait(timeout=120) == 0, process.stderr.read()
     assert len(list(tmp_path.rglob('*.ready.*'))) == 2 * 8              # they met at every entry
     assert not list(tmp_path.rglob('*.tmp'))                            # no leftovers
-    transform = bisenet.TrainTransform((64, 64), on_device=True)
+    transform = datalib.TrainTransform((64, 64), on_device=True)
     cached, plain = cached_and_plain(data, tmp_path, transform)
     assert all(cached.cache.read(cached.name(i), *cached.samples[i][:2]) is not None
                for i in range(len(cached)))
@@ -487,16 +494,16 @@ def test_two_processes_filling_one_cache_at_once(data, tmp_path):
 
 
 def test_too_little_disk_for_the_cache_goes_without_it(data, tmp_path, monkeypatch):
-    usage = bisenet.shutil.disk_usage(tmp_path)._replace(free=10 ** 6)
-    monkeypatch.setattr(bisenet.shutil, 'disk_usage', lambda path: usage)
-    dataset = bisenet.Cityscapes(data, 'train', cache_dir=tmp_path)
+    usage = datalib.shutil.disk_usage(tmp_path)._replace(free=10 ** 6)
+    monkeypatch.setattr(datalib.shutil, 'disk_usage', lambda path: usage)
+    dataset = datalib.Cityscapes(data, 'train', cache_dir=tmp_path)
     assert dataset.cache is None and 'going without the cache' in dataset.cache_note
-    assert np.array_equal(dataset[0][1], bisenet.Cityscapes(data, 'train')[0][1])
+    assert np.array_equal(dataset[0][1], datalib.Cityscapes(data, 'train')[0][1])
 
 
 def test_sampler_shards_the_stream_between_ranks():
     def take(rank, world, n=12):
-        return [k for _, k in zip(range(n), bisenet.InfiniteSampler(10, 0, rank, world))]
+        return [k for _, k in zip(range(n), datalib.InfiniteSampler(10, 0, rank, world))]
     single = take(0, 1, 24)
     merged = [k for pair in zip(take(0, 2), take(1, 2)) for k in pair]
     assert merged == single
@@ -542,25 +549,25 @@ def reference_distortion(image, p):
         x = to_rgb(hsv)
     if not p['contrast_first']:
         x = trunc(x * np.float32(p['contrast']))
-    return (x - np.array(bisenet.MEAN)) / np.array(bisenet.STD)
+    return (x - np.array(datalib.MEAN)) / np.array(datalib.STD)
 
 
 def test_batched_distortion_matches_a_per_image_version():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 12, 10, 3), dtype=np.uint8)
     images[0, :4] = 128                                                # grey: saturation 0
-    params = [bisenet.photometric_params(rng, (12, 10)) for _ in range(6)]
+    params = [datalib.photometric_params(rng, (12, 10)) for _ in range(6)]
     params[1].update(saturation=1.4, hue=-18.0, contrast_first=1.0)   # every step on
     params[2].update(saturation=0.0, hue=float('nan'), brightness=0.0, contrast=1.0)   # none
     batch = torch.utils.data.default_collate(params)
-    out = bisenet.distort_and_normalize(torch.from_numpy(images).permute(0, 3, 1, 2), batch)
-    std = torch.tensor(bisenet.STD).view(3, 1, 1)
+    out = datalib.distort_and_normalize(torch.from_numpy(images).permute(0, 3, 1, 2), batch)
+    std = torch.tensor(datalib.STD).view(3, 1, 1)
     for i in range(6):
         expected = torch.from_numpy(reference_distortion(images[i], params[i])).permute(2, 0, 1)
         difference = ((out[i].double() - expected) * std).abs()         # in 0..255 units
         assert difference.max() <= 1.01, (i, params[i])
         assert (difference > 0.01).float().mean() < 0.02
-    identity = (images[2].astype(np.float64) - bisenet.MEAN) / bisenet.STD
+    identity = (images[2].astype(np.float64) - datalib.MEAN) / datalib.STD
     assert torch.allclose(out[2].double(), torch.from_numpy(identity).permute(2, 0, 1), atol=1e-5)
 
 
@@ -585,8 +592,8 @@ def make_own_data(root, num_train=8, num_val=4, colour_labels=False, seed=0):
     for split, count in (('train', num_train), ('val', num_val)):
         for i in range(count):
             width, height = int(rng.integers(90, 160)), int(rng.integers(50, 90))
-            image, raw = bisenet.synthetic_scene(rng, (width, height))
-            train_ids = bisenet.TRAIN_IDS[raw]
+            image, raw = datalib.synthetic_scene(rng, (width, height))
+            train_ids = datalib.TRAIN_IDS[raw]
             label = np.full_like(train_ids, 255)
             for cityscapes_id, own_id in OWN_CLASSES.items():
                 label[train_ids == cityscapes_id] = own_id
@@ -596,7 +603,7 @@ def make_own_data(root, num_train=8, num_val=4, colour_labels=False, seed=0):
             picture = Image.fromarray(image)
             if i % 3 == 2:              # stored turned; EXIF says to turn it back (orientation 6)
                 exif = picture.getexif()
-                exif[bisenet.EXIF_ORIENTATION] = 6
+                exif[datalib.EXIF_ORIENTATION] = 6
                 picture.transpose(Image.ROTATE_90).save(root / 'images' / folder / f'{i}.jpg',
                                                         exif=exif, quality=95)
             else:
@@ -623,25 +630,25 @@ def test_classes_file_names_colours_defaults_and_ignore_colours(tmp_path):
     path = tmp_path / 'classes.txt'
     path.write_text('# comment\nback ground\ntraffic light 250 170 30\n\nignore: void 0 0 0\n'
                     'pole 3\n')
-    names, palette, ignored, all_coloured, id_table = bisenet.read_classes(path)
+    names, palette, ignored, all_coloured, id_table = datalib.read_classes(path)
     assert names == ('back ground', 'traffic light', 'pole 3') and ignored == ((0, 0, 0),)
     assert palette[1] == (250, 170, 30) and not all_coloured and id_table is None
     assert len(set(palette)) == 3 and (0, 0, 0) not in palette       # distinct defaults
-    assert bisenet.read_classes(path)[1] == palette                   # and fixed
+    assert datalib.read_classes(path)[1] == palette                   # and fixed
     for text, words in (('a 1 2 3\nb 1 2 3\n', r'colour \(1, 2, 3\) twice'), ('a\na\n', 'name a twice'),
                         ('a 1 2 300\n', 'above 255'), ('ignore: void\n', 'needs a colour'),
                         ('# nothing\n', 'lists no class'), ('1 2 3\n', 'needs a name')):
         path.write_text(text)
-        with pytest.raises(bisenet.DatasetError, match=words):
-            bisenet.read_classes(path)
+        with pytest.raises(datalib.DatasetError, match=words):
+            datalib.read_classes(path)
 
 
 def test_own_layout_index_and_colour_labels_exif_and_sub_folders(own_data, tmp_path):
-    dataset = bisenet.SegmentationDataset(own_data, 'train')
+    dataset = datalib.SegmentationDataset(own_data, 'train')
     assert dataset.classes == ('sky', 'building', 'side walk', 'road')
     assert dataset.palette == OWN_COLOURS and len(dataset) == 8
     assert dataset.names[:2] == ['part0/0', 'part0/2'] and dataset.names[4] == 'part1/1'
-    coloured = bisenet.SegmentationDataset(make_own_data(tmp_path / 'rgb', colour_labels=True))
+    coloured = datalib.SegmentationDataset(make_own_data(tmp_path / 'rgb', colour_labels=True))
     for i in range(len(dataset)):
         image, label = dataset[i]
         stored = Image.open(dataset.samples[i][0]).size
@@ -666,16 +673,16 @@ def write_own(root, name, image_size=(40, 30), label=None, image_suffix='.png', 
 
 
 def problems_of(root, split='train'):
-    layout = bisenet.Layout(root)
+    layout = datalib.Layout(root)
     samples, _, problems = layout.find(split)
-    return problems + bisenet.survey(layout, split, samples)['problems']
+    return problems + datalib.survey(layout, split, samples)['problems']
 
 
 def test_every_label_problem_is_named_with_the_file(tmp_path):
     root = tmp_path / 'data'
     write_own(root, 'good', label=np.arange(40 * 30, dtype=np.uint8).reshape(30, 40) % 3)
-    with pytest.raises(bisenet.DatasetError, match='classes.txt is missing'):
-        bisenet.Layout(root)
+    with pytest.raises(datalib.DatasetError, match='classes.txt is missing'):
+        datalib.Layout(root)
     (root / 'classes.txt').write_text('a 10 10 10\nb 20 20 20\nc 30 30 30\n')
     assert problems_of(root) == []
     bad = np.zeros((30, 40), np.uint8)
@@ -683,15 +690,15 @@ def test_every_label_problem_is_named_with_the_file(tmp_path):
     write_own(root, 'bad', label=bad)
     [problem] = problems_of(root)
     assert 'bad.png holds the value 7 in 10.00% of its pixels' in problem and '0-2' in problem
-    with pytest.raises(bisenet.DatasetError, match='value 7'):      # and when it is read
-        bisenet.SegmentationDataset(root)[0]
+    with pytest.raises(datalib.DatasetError, match='value 7'):      # and when it is read
+        datalib.SegmentationDataset(root)[0]
     colours = np.full((30, 40, 3), 10, np.uint8)
     colours[0] = (1, 2, 3)
     Image.fromarray(colours).save(root / 'labels' / 'train' / 'bad.png')
     [problem] = problems_of(root)
     assert 'colour (1, 2, 3), which classes.txt does not list, in 3.33%' in problem
-    with pytest.raises(bisenet.DatasetError, match=r'colour \(1, 2, 3\).* in 3.33%'):
-        bisenet.SegmentationDataset(root)[0]                       # read pixel by pixel
+    with pytest.raises(datalib.DatasetError, match=r'colour \(1, 2, 3\).* in 3.33%'):
+        datalib.SegmentationDataset(root)[0]                       # read pixel by pixel
     (root / 'labels' / 'train' / 'bad.png').unlink()
     Image.fromarray(np.zeros((30, 40), np.uint8)).save(root / 'labels' / 'train' / 'bad.jpg')
     [problem] = problems_of(root)
@@ -709,18 +716,18 @@ def test_every_label_problem_is_named_with_the_file(tmp_path):
     # A phone photo stored 30 x 40 and shown turned (EXIF 6), its label drawn on the stored one.
     turned = Image.open(root / 'images' / 'train' / 'small.png')
     exif = turned.getexif()
-    exif[bisenet.EXIF_ORIENTATION] = 6
+    exif[datalib.EXIF_ORIENTATION] = 6
     turned.save(root / 'images' / 'train' / 'small.jpg', exif=exif)
     (root / 'images' / 'train' / 'small.png').unlink()
     Image.fromarray(np.zeros((30, 40), np.uint8)).save(root / 'labels' / 'train' / 'small.png')
     [problem] = problems_of(root)
     assert 'is 30x40 but its label' in problem and 'only without the image\'s EXIF rotation' in problem
-    with pytest.raises(bisenet.DatasetError, match='images/val is missing'):
-        bisenet.SegmentationDataset(root, 'val')
+    with pytest.raises(datalib.DatasetError, match='images/val is missing'):
+        datalib.SegmentationDataset(root, 'val')
     (root / 'images' / 'val').mkdir()
     (root / 'labels' / 'val').mkdir()
-    with pytest.raises(bisenet.DatasetError, match='the split is empty'):
-        bisenet.SegmentationDataset(root, 'val')
+    with pytest.raises(datalib.DatasetError, match='the split is empty'):
+        datalib.SegmentationDataset(root, 'val')
 
 
 def test_the_other_label_messages_and_label_formats(tmp_path):
@@ -753,11 +760,11 @@ def test_the_other_label_messages_and_label_formats(tmp_path):
     Image.fromarray(deep).save(root / 'labels' / 'train' / 'sixteen_bits.png')
     assert Image.open(root / 'labels' / 'train' / 'one_bit.png').mode == '1'
     assert Image.open(root / 'labels' / 'train' / 'sixteen_bits.png').mode.startswith('I')
-    dataset = bisenet.SegmentationDataset(root)
+    dataset = datalib.SegmentationDataset(root)
     labels = {dataset.name(i): dataset[i][1] for i in range(len(dataset))}
     assert np.array_equal(labels['one_bit'], bits.astype(np.uint8))
     assert np.array_equal(labels['sixteen_bits'], deep.astype(np.uint8))
-    found = bisenet.survey(dataset.layout, 'train', dataset.samples)
+    found = datalib.survey(dataset.layout, 'train', dataset.samples)
     assert found['problems'] == [] and found['pixels'][[0, 1, 2, 255]].tolist() == [600, 600, 1000, 200]
     assert found['warnings'] == []
     deep[0, 0] = 300
@@ -767,8 +774,8 @@ def test_the_other_label_messages_and_label_formats(tmp_path):
     (root / 'classes.txt').write_text('a\nb\nc\nd\n')
     deep[0, 0] = 2
     Image.fromarray(deep).save(root / 'labels' / 'train' / 'sixteen_bits.png')
-    layout = bisenet.Layout(root)
-    [warning] = bisenet.survey(layout, 'train', layout.find('train')[0])['warnings']
+    layout = datalib.Layout(root)
+    [warning] = datalib.survey(layout, 'train', layout.find('train')[0])['warnings']
     assert warning == "class 'd' never occurs in the train labels: the model cannot learn it"
     result = run_here(train, '--data-path', root, '--device', 'cpu', '--crop-size', 16,
                       '--iters', 1, '--workers', 0, '--no-validate', '--work-dir', tmp_path / 'w')
@@ -786,14 +793,14 @@ def test_a_bad_label_the_quick_look_skipped_ends_the_run_in_one_line_when_read(t
     label[8:] = 1
     for i in range(201):
         write_own(root, f'{i:03d}', image_size=(16, 16), label=label)
-    layout = bisenet.Layout(root)
+    layout = datalib.Layout(root)
     samples = layout.find('train')[0]
     # the quick look takes 200 labels spread evenly over the split's 201: all but one
     skipped = sorted(set(range(201)) - set(np.linspace(0, 200, 200).round().astype(int).tolist()))
     assert len(skipped) == 1
     bad = root / 'labels' / 'train' / f'{skipped[0]:03d}.png'
     Image.fromarray(label * 7).save(bad)
-    assert bisenet.survey(layout, 'train', samples, limit=200)['problems'] == []
+    assert datalib.survey(layout, 'train', samples, limit=200)['problems'] == []
     result = run_here(train, '--data-path', root, '--device', 'cpu', '--crop-size', 16,
                       '--batch-size', 32, '--iters', 20, '--workers', 2, '--no-validate',
                       '--work-dir', tmp_path / 'work')
@@ -805,7 +812,7 @@ def test_ade20k_names_and_labels_that_count_from_one(tmp_path):
     label = np.array([[0, 1, 2, 255]] * 30, np.uint8).repeat(10, 1)
     write_own(tmp_path, 'ADE_train_1', label=label, split='training')
     (tmp_path / 'labels').rename(tmp_path / 'annotations')
-    dataset = bisenet.SegmentationDataset(tmp_path, 'train')
+    dataset = datalib.SegmentationDataset(tmp_path, 'train')
     assert dataset.names == ['ADE_train_1']
     assert dataset[0][1][0].tolist() == [255] * 10 + [0] * 10 + [1] * 10 + [255] * 10
 
@@ -822,7 +829,7 @@ def test_ignore_values_in_classes_txt_and_the_line_a_stray_value_asks_for(tmp_pa
     assert f'add the line "ignore: void 11" to {tmp_path / "classes.txt"}' in problem
     for i in range(5):
         write_own(tmp_path, f'more{i}', label=label)
-    bisenet.check_data(tmp_path, splits=('train',), processes=1)
+    check_data.check_data(tmp_path, splits=('train',), processes=1)
     out = capsys.readouterr().out.splitlines()
     [line] = [line for line in out if 'problem:' in line]         # one line for six labels
     assert 'the value 11 in 6 labels (20.00% of their pixels' in line and 'and 3 more' in line
@@ -831,20 +838,20 @@ def test_ignore_values_in_classes_txt_and_the_line_a_stray_value_asks_for(tmp_pa
     assert shares['class0'] == '20.00%' and shares['value 11: no class'] == '20.00%'
     (tmp_path / 'classes.txt').write_text(names + 'ignore: void 11\nignore: 12\n')
     assert problems_of(tmp_path) == []
-    bisenet.check_data(tmp_path, splits=('train',), processes=1)
+    check_data.check_data(tmp_path, splits=('train',), processes=1)
     out = capsys.readouterr().out
     assert out.strip().endswith('no problems')
     assert dict(line.strip().rsplit(None, 1) for line in out.splitlines()
                 if line.endswith('%'))['(ignored)'] == '40.00%'
-    dataset = bisenet.SegmentationDataset(tmp_path)
+    dataset = datalib.SegmentationDataset(tmp_path)
     assert dataset[dataset.names.index('camvid')][1][0].tolist() == \
         [0] * 8 + [5] * 8 + [10] * 8 + [255] * 16
     # after reduce_zero_label's shift: value 0 ignored, 1 -> class 0, and 12 ignored too
     (tmp_path / 'classes.txt').write_text('reduce_zero_label\n' + names + 'ignore: 12\n')
-    assert bisenet.read_classes(tmp_path / 'classes.txt').id_table[:14] == \
+    assert datalib.read_classes(tmp_path / 'classes.txt').id_table[:14] == \
         [255] + list(range(11)) + [255, 12]
     assert problems_of(tmp_path) == []                 # the file's 11 is class10 here
-    dataset = bisenet.SegmentationDataset(tmp_path)
+    dataset = datalib.SegmentationDataset(tmp_path)
     assert dataset[dataset.names.index('camvid')][1][0].tolist() == \
         [255] * 8 + [4] * 8 + [9] * 8 + [10] * 8 + [255] * 8
     write_own(tmp_path, 'camvid', label=np.full((30, 40), 13, np.uint8))
@@ -853,8 +860,8 @@ def test_ignore_values_in_classes_txt_and_the_line_a_stray_value_asks_for(tmp_pa
     for text, words in (('a\nignore: void 0\n', "label value 0 is the class 'a'"),
                         ('a\nignore: 300\n', 'go up to 254')):
         (tmp_path / 'classes.txt').write_text(text)
-        with pytest.raises(bisenet.DatasetError, match=words):
-            bisenet.read_classes(tmp_path / 'classes.txt')
+        with pytest.raises(datalib.DatasetError, match=words):
+            datalib.read_classes(tmp_path / 'classes.txt')
 
 
 def make_voc(root, names, subsets=('train', 'val'), cvat=False, aug=()):
@@ -868,7 +875,7 @@ def make_voc(root, names, subsets=('train', 'val'), cvat=False, aug=()):
     label = np.zeros((40, 60), np.uint8)
     label[:, 20:40], label[:, 40:] = 1, 15                      # background, aeroplane, person
     label[:, 19:21] = 255
-    colours = bisenet.lookup_table(bisenet.VOC_PALETTE)
+    colours = datalib.lookup_table(datalib.VOC_PALETTE)
     for i, name in enumerate(list(names) + [f'aug{n}' for n in range(len(aug))]):
         image = rng.integers(0, 255, (40, 60, 3), np.uint8)
         image[label == 1] = (200, 30, 30)
@@ -881,7 +888,7 @@ def make_voc(root, names, subsets=('train', 'val'), cvat=False, aug=()):
                 voc / 'SegmentationClass' / f'{name}.png')
         else:
             written = Image.fromarray(label)
-            written.putpalette([v for c in bisenet.VOC_PALETTE for v in c])
+            written.putpalette([v for c in datalib.VOC_PALETTE for v in c])
             written.save(voc / 'SegmentationClass' / f'{name}.png')
     for subset, count in zip(subsets, (len(names) - 2, 2)) if len(subsets) == 2 else \
             [(subsets[0], len(names))]:
@@ -894,7 +901,7 @@ def make_voc(root, names, subsets=('train', 'val'), cvat=False, aug=()):
     if cvat:
         (voc / 'labelmap.txt').write_text('# label:color_rgb:parts:actions\n' + ''.join(
             f'{name}:{r},{g},{b}::\n' for name, (r, g, b) in
-            zip(bisenet.VOC_CLASSES, bisenet.VOC_PALETTE)))
+            zip(datalib.VOC_CLASSES, datalib.VOC_PALETTE)))
     return voc
 
 
@@ -902,13 +909,13 @@ def test_pascal_voc_and_its_augmented_set_train_and_evaluate_as_unpacked(tmp_pat
     names = [f'2007_{i:06d}' for i in range(6)]
     make_voc(tmp_path, names, aug=range(3))
     for root in (tmp_path, tmp_path / 'VOCdevkit', tmp_path / 'VOCdevkit' / 'VOC2012'):
-        train_set = bisenet.SegmentationDataset(root, 'train')
-        assert train_set.classes == bisenet.VOC_CLASSES and len(train_set) == 4 + 3
+        train_set = datalib.SegmentationDataset(root, 'train')
+        assert train_set.classes == datalib.VOC_CLASSES and len(train_set) == 4 + 3
     assert train_set.names[:4] == names[:4] and train_set.names[4] == 'aug/aug0'
-    cached = bisenet.SegmentationDataset(tmp_path, 'train', cache_dir=tmp_path / 'cache')
+    cached = datalib.SegmentationDataset(tmp_path, 'train', cache_dir=tmp_path / 'cache')
     assert all(np.array_equal(cached[i][1], train_set[i][1]) for i in range(len(cached)))
     assert (tmp_path / 'cache' / 'train' / 'aug' / 'aug0.rgbl').is_file()
-    val = bisenet.SegmentationDataset(tmp_path, 'val')
+    val = datalib.SegmentationDataset(tmp_path, 'val')
     assert val.names == names[-2:]
     image, label = val[0]
     assert image.shape == (40, 60, 3) and sorted(np.unique(label)) == [0, 1, 15, 255]
@@ -923,15 +930,15 @@ def test_pascal_voc_and_its_augmented_set_train_and_evaluate_as_unpacked(tmp_pat
 def test_a_cvat_segmentation_mask_export_trains_with_its_labelmap(tmp_path):
     names = [f'frame_{i:06d}' for i in range(5)]
     voc = make_voc(tmp_path, names, subsets=('default',), cvat=True)
-    with pytest.raises(bisenet.DatasetError, match='has the subsets default only; list the '
+    with pytest.raises(datalib.DatasetError, match='has the subsets default only; list the '
                                                    'train images. names there'):
-        bisenet.SegmentationDataset(tmp_path, 'train')
+        datalib.SegmentationDataset(tmp_path, 'train')
     lists = voc / 'ImageSets' / 'Segmentation'
     (lists / 'train.txt').write_text(''.join(f'{n}\n' for n in names[:3]))
     (lists / 'val.txt').write_text(''.join(f'{n}.jpg\n' for n in names[3:]))
-    train_set = bisenet.SegmentationDataset(tmp_path, 'train')
+    train_set = datalib.SegmentationDataset(tmp_path, 'train')
     assert train_set.layout.classes_file == voc / 'labelmap.txt' and len(train_set) == 3
-    assert train_set.classes == bisenet.VOC_CLASSES and train_set.palette == bisenet.VOC_PALETTE
+    assert train_set.classes == datalib.VOC_CLASSES and train_set.palette == datalib.VOC_PALETTE
     assert sorted(np.unique(train_set[0][1])) == [0, 1, 15]        # colours read as ids
     work = tmp_path / 'work'
     result = train_here('--data-path', tmp_path, '--device', 'cpu', '--crop-size', 32,
@@ -949,10 +956,10 @@ def test_ade20k_as_unpacked_needs_no_classes_txt(tmp_path):
         Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(ade / 'images' / split /
                                                               f'{stem}.jpg')
         Image.fromarray(label).save(ade / 'annotations' / split / f'{stem}.png')
-    dataset = bisenet.SegmentationDataset(tmp_path, 'val')
+    dataset = datalib.SegmentationDataset(tmp_path, 'val')
     assert len(dataset.classes) == 150 and dataset.classes[:3] == ('wall', 'building', 'sky')
     assert dataset[0][1][0].tolist() == [255] * 10 + [0] * 10 + [1] * 10 + [149] * 10
-    assert bisenet.check_data(tmp_path, processes=1) == 0
+    assert check_data.check_data(tmp_path, processes=1) == 0
     work = tmp_path / 'work'
     train_here('--data-path', tmp_path, '--device', 'cpu', '--crop-size', 32, '--batch-size', 2,
                '--iters', 1, '--workers', 0, '--work-dir', work)
@@ -968,15 +975,15 @@ def test_split_lists_choose_samples_from_one_shared_folder(tmp_path):
     (tmp_path / 'splits').mkdir()
     (tmp_path / 'splits' / 'train.txt').write_text('x0\nx1.png\nx2\n')
     (tmp_path / 'splits' / 'val.txt').write_text('x3\nx4\n')
-    assert bisenet.SegmentationDataset(tmp_path, 'train').names == ['x0', 'x1', 'x2']
-    assert bisenet.SegmentationDataset(tmp_path, 'val').names == ['x3', 'x4']
+    assert datalib.SegmentationDataset(tmp_path, 'train').names == ['x0', 'x1', 'x2']
+    assert datalib.SegmentationDataset(tmp_path, 'val').names == ['x3', 'x4']
     # a folder linked in, as data sets are often laid out, is followed
     (tmp_path / 'elsewhere').mkdir()
     write_own(tmp_path / 'elsewhere', 'x5', label=np.eye(30, 40, dtype=np.uint8), split='')
     (tmp_path / 'images' / 'more').symlink_to(tmp_path / 'elsewhere' / 'images')
     (tmp_path / 'labels' / 'more').symlink_to(tmp_path / 'elsewhere' / 'labels')
     (tmp_path / 'splits' / 'val.txt').write_text('x3\nmore/x5\n')
-    assert bisenet.SegmentationDataset(tmp_path, 'val').names == ['x3', 'more/x5']
+    assert datalib.SegmentationDataset(tmp_path, 'val').names == ['x3', 'more/x5']
     (tmp_path / 'splits' / 'val.txt').write_text('x3\nmissing\n')
     [problem] = problems_of(tmp_path, 'val')
     assert 'val.txt names missing, which is not an image under' in problem
@@ -994,7 +1001,7 @@ def test_binary_masks_saved_as_0_and_255_are_named(tmp_path):
 
 
 def test_check_data_prints_each_split_and_every_problem(own_data, tmp_path):
-    result = run('bisenet.py', '--check-data', own_data)
+    result = run('tools/check_data.py', own_data)
     assert 'train: 8 images' in result.stdout and 'val: 4 images' in result.stdout
     assert 'side walk' in result.stdout and '(ignored)' in result.stdout
     assert result.stdout.strip().endswith('no problems')
@@ -1003,7 +1010,7 @@ def test_check_data_prints_each_split_and_every_problem(own_data, tmp_path):
     values = np.array(Image.open(label))
     values[0, 0] = 9
     Image.fromarray(values).save(label)
-    result = run('bisenet.py', '--check-data', tmp_path / 'copy', check=False)
+    result = run('tools/check_data.py', tmp_path / 'copy', check=False)
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert f'problem: {label} holds the value 9' in result.stdout
     assert result.stdout.strip().endswith('1 problems')
@@ -1088,8 +1095,8 @@ def test_checkpoints_name_their_classes_cityscapes_by_default(checkpoint, tmp_pa
 
 def test_padding_share_of_crops_larger_than_the_images():
     # 100 x 100 images, 200 x 200 crops: the crop holds (r / 2)^2 of image, r in [0.5, 2].
-    assert train.padding_share([(100, 100)], (200, 200)) == pytest.approx(1 - 1.75 / 4, abs=2e-3)
-    assert train.padding_share([(1000, 800)], (200, 200)) == 0
+    assert datalib.padding_share([(100, 100)], (200, 200)) == pytest.approx(1 - 1.75 / 4, abs=2e-3)
+    assert datalib.padding_share([(1000, 800)], (200, 200)) == 0
 
 
 def test_pictures_have_captions_and_a_legend_of_the_classes_present(tmp_path):
@@ -1116,17 +1123,17 @@ def test_onnx_export_of_a_four_class_model_runs_in_onnxruntime(tmp_path):
     torch.manual_seed(0)
     model = bisenet.BiSeNetV1(4, classes=('a', 'b', 'c', 'd')).eval()
     lines = []
-    agreement = evaluation.export_onnx(model, tmp_path / 'm.onnx', logits=True,
+    agreement = export_onnx.export_onnx(model, tmp_path / 'm.onnx', logits=True,
                                        check_sizes=((64, 96),), log=lines.append)
     assert agreement == 1.0
     assert 'logits float32 (N, 4, H, W)' in lines[0] and 'classes: a, b, c, d' in lines[0]
     session = ort.InferenceSession(str(tmp_path / 'm.onnx'), providers=['CPUExecutionProvider'])
-    image = bisenet.synthetic_scene(np.random.default_rng(0), (96, 64))[0][None]
+    image = datalib.synthetic_scene(np.random.default_rng(0), (96, 64))[0][None]
     labels, logits = session.run(None, {'image': image})
     assert labels.shape == (1, 64, 96) and logits.shape == (1, 4, 64, 96)
     # against the plain model (BatchNorm unfolded), normalised here
     with torch.no_grad():
-        want = model(bisenet.normalize(torch.from_numpy(image).permute(0, 3, 1, 2)))
+        want = model(datalib.normalize(torch.from_numpy(image).permute(0, 3, 1, 2)))
     assert np.abs(logits - want.numpy()).max() < 1e-4
     assert (labels == want.argmax(1).numpy()).mean() > 0.999 and len(np.unique(labels)) > 1
 
@@ -1185,14 +1192,14 @@ def test_eval_writes_cityscapes_label_ids_and_pictures(data, checkpoint, tmp_pat
     run('eval.py', '--ckpt', checkpoint, '--data-path', data, '--device', 'cpu', '--workers', 0,
         '--out-dir', tmp_path / 'out', '--show-dir', tmp_path / 'show', '--json', tmp_path / 'm.json')
     model = bisenet.model_from_checkpoint(checkpoint).eval()
-    dataset = bisenet.Cityscapes(data, 'val', bisenet.EvalTransform())
+    dataset = datalib.Cityscapes(data, 'val', datalib.EvalTransform())
     total = torch.zeros(19, 19, dtype=torch.int64)
     for i in range(len(dataset)):
         image, label = dataset[i]
         with torch.no_grad():
             pred = model(image[None]).argmax(1)[0]
         written = np.array(Image.open(tmp_path / 'out' / f'{dataset.name(i)}_leftImg8bit.png'))
-        assert (torch.from_numpy(bisenet.TRAIN_IDS[written]).long() == pred).float().mean() > 0.999
+        assert (torch.from_numpy(datalib.TRAIN_IDS[written]).long() == pred).float().mean() > 0.999
         picture = np.array(Image.open(tmp_path / 'show' / f'{dataset.name(i)}.png'))
         # image | prediction | ground truth under their captions, the legend below
         assert picture.shape[1] == 3 * 128 and picture.shape[0] > 64
@@ -1213,8 +1220,8 @@ def assert_panel(picture, panel, left):
 
 def test_slide_and_aug_test_against_explicit_windows_and_scales(data, checkpoint):
     model = bisenet.model_from_checkpoint(checkpoint).eval()
-    image = bisenet.normalize(torch.from_numpy(np.array(Image.open(
-        bisenet.Cityscapes(data, 'val').samples[0][0]))).permute(2, 0, 1)[None])
+    image = datalib.normalize(torch.from_numpy(np.array(Image.open(
+        datalib.Cityscapes(data, 'val').samples[0][0]))).permute(2, 0, 1)[None])
     assert image.shape[2:] == (64, 128)
     with torch.no_grad():
         whole = model(image)
@@ -1305,7 +1312,7 @@ def own_images(tmp_path_factory):
     (root / 'sub').mkdir()
 
     def scene(w, h, seed):
-        return Image.fromarray(bisenet.synthetic_scene(np.random.default_rng(seed), (w, h))[0])
+        return Image.fromarray(datalib.synthetic_scene(np.random.default_rng(seed), (w, h))[0])
     scene(200, 100, 1).save(root / 'street.png')
     scene(123, 77, 2).save(root / 'street.jpg', quality=95)
     rotated = scene(96, 64, 3)
@@ -1342,9 +1349,9 @@ def test_own_images_label_maps_pictures_and_a_broken_file(own_images, initial_ch
     image = Image.open(own_images / 'street.png')
     big = torch.from_numpy(np.array(image.resize((2048, 1024), Image.BILINEAR))).permute(2, 0, 1)
     with torch.no_grad():
-        scores = model(bisenet.normalize(big[None]))
+        scores = model(datalib.normalize(big[None]))
     expected = F.interpolate(scores, size=(100, 200), mode='bilinear').argmax(1)[0].numpy()
-    written = bisenet.TRAIN_IDS[np.array(Image.open(tmp_path / 'labels' / 'street.png'))]
+    written = datalib.TRAIN_IDS[np.array(Image.open(tmp_path / 'labels' / 'street.png'))]
     assert (written == expected).mean() > 0.99 and len(np.unique(expected)) > 1
 
 
@@ -1361,19 +1368,19 @@ def test_own_images_default_to_pictures_in_a_named_folder(own_images, checkpoint
 
 
 def test_cpu_autocast_is_bf16_only():
-    with pytest.raises(bisenet.SetupError, match='bf16 only'):
-        bisenet.Runtime('cpu', amp=True, amp_dtype='fp16')
-    if not bisenet.cpu_has_bf16():
-        with pytest.raises(bisenet.SetupError, match='no bfloat16 units'):
-            bisenet.Runtime('cpu', amp=True, amp_dtype='bf16')
+    with pytest.raises(runtime.SetupError, match='bf16 only'):
+        runtime.Runtime('cpu', amp=True, amp_dtype='fp16')
+    if not runtime.cpu_has_bf16():
+        with pytest.raises(runtime.SetupError, match='no bfloat16 units'):
+            runtime.Runtime('cpu', amp=True, amp_dtype='bf16')
         pytest.skip('this CPU has no bfloat16 units')
-    runtime, lines = bisenet.Runtime('cpu', amp=True, amp_dtype='bf16'), []
+    rt, lines = runtime.Runtime('cpu', amp=True, amp_dtype='bf16'), []
     model = bisenet.BiSeNetV1().eval()
-    evaluation.benchmark(model, runtime, size=(64, 128), warmup=1, rounds=2, log=lines.append)
+    evaluation.benchmark(model, rt, size=(64, 128), warmup=1, rounds=2, log=lines.append)
     assert 'cpu, bf16' in lines[2] and lines[-1].startswith('FPS: ')
-    fast = evaluation.prepare_for_inference(model, runtime)
+    fast = evaluation.prepare_for_inference(model, rt)
     x = torch.randn(1, 3, 64, 128)
-    with torch.no_grad(), runtime.autocast():
+    with torch.no_grad(), rt.autocast():
         assert fast(x.contiguous(memory_format=torch.channels_last)).dtype == torch.bfloat16
 
 
@@ -1384,7 +1391,7 @@ def test_onnx_export_matches_eval_label_maps(initial_checkpoint, tmp_path):
     ort = pytest.importorskip('onnxruntime')
     pytest.importorskip('onnx')
     lines = []             # eval.py --export-onnx checks at 1024 x 2048 and 600 x 800; here smaller
-    evaluation.export_onnx(bisenet.model_from_checkpoint(checkpoint).eval(), tmp_path / 'm.onnx',
+    export_onnx.export_onnx(bisenet.model_from_checkpoint(checkpoint).eval(), tmp_path / 'm.onnx',
                            check_sizes=((320, 640), (200, 300)), log=lines.append)
     checks = [line for line in lines if 'onnxruntime check' in line]
     assert len(checks) == 2 and all('agree on 100.000%' in line for line in checks), lines
@@ -1392,7 +1399,7 @@ def test_onnx_export_matches_eval_label_maps(initial_checkpoint, tmp_path):
     session = ort.InferenceSession(str(tmp_path / 'm.onnx'), providers=['CPUExecutionProvider'])
     assert [o.name for o in session.get_outputs()] == ['labels']
     sizes = ((2048, 320), (1024, 1280))
-    images = {width: bisenet.synthetic_scene(np.random.default_rng(width), (width, height))[0]
+    images = {width: datalib.synthetic_scene(np.random.default_rng(width), (width, height))[0]
               for width, height in sizes}
     (tmp_path / 'images').mkdir()
     for width, image in images.items():
@@ -1401,18 +1408,26 @@ def test_onnx_export_matches_eval_label_maps(initial_checkpoint, tmp_path):
         '--workers', 0, '--out-dir', tmp_path / 'labels', threads=2)
     for width, height in sizes:
         image = images[width]
-        written = bisenet.TRAIN_IDS[np.array(Image.open(tmp_path / 'labels' / f'{width}.png'))]
+        written = datalib.TRAIN_IDS[np.array(Image.open(tmp_path / 'labels' / f'{width}.png'))]
         labels = session.run(None, {'image': image[None]})[0][0]
         assert labels.dtype == np.uint8 and labels.shape == (height, width)
         assert (labels == written).mean() >= 0.9999 and len(np.unique(labels)) > 1
     # The README's onnxruntime example runs as written, next to the exported file.
     example = (HERE / 'README.md').read_text().split('```python\n')[1].split('```')[0]
     shutil.copy(tmp_path / 'm.onnx', tmp_path / 'bisenet.onnx')
-    Image.fromarray(bisenet.synthetic_scene(np.random.default_rng(0), (300, 200))[0]).save(
+    Image.fromarray(datalib.synthetic_scene(np.random.default_rng(0), (300, 200))[0]).save(
         tmp_path / 'street.jpg')
     subprocess.run([sys.executable, '-c', example], cwd=tmp_path, check=True, timeout=120)
     result_image = Image.open(tmp_path / 'street_labels.png')
     assert result_image.size == (300, 200) and result_image.mode == 'P'
+
+
+def evaluate_model(flag, source, *args, check=False):
+    """eval.py with a checkpoint (flag --ckpt), or tools/run_onnx.py with an exported file
+    (--onnx), on the CPU."""
+    if flag == '--onnx':
+        return run_here(run_onnx, source, *args, check=check)
+    return run_here(evaluation, '--ckpt', source, '--device', 'cpu', *args, check=check)
 
 
 def test_onnx_file_evaluates_as_its_checkpoint_and_int8_stays_close(data, initial_checkpoint,
@@ -1424,31 +1439,31 @@ def test_onnx_file_evaluates_as_its_checkpoint_and_int8_stays_close(data, initia
     onnx = pytest.importorskip('onnx')
     model = bisenet.model_from_checkpoint(initial_checkpoint).eval()
     model.classes = tuple(f'class {i}' for i in range(19))         # names the file must carry
-    evaluation.export_onnx(model, tmp_path / 'fp32.onnx', check_sizes=((64, 128),),
+    export_onnx.export_onnx(model, tmp_path / 'fp32.onnx', check_sizes=((64, 128),),
                            log=lambda line: None)
     torch.save({'model': model.state_dict(), 'meta': {'dataset_meta': {
         'classes': model.classes, 'palette': model.palette}}}, tmp_path / 'named.pth')
     evaluated = {}
     for flag, source in (('--ckpt', 'named.pth'), ('--onnx', 'fp32.onnx')):
-        result = run_here(evaluation, flag, tmp_path / source, '--data-path', data,
-                          '--device', 'cpu', '--workers', 0, '--json', tmp_path / f'{source}.json',
-                          '--out-dir', tmp_path / flag, check=True)
+        result = evaluate_model(flag, tmp_path / source, '--data-path', data, '--workers', 0,
+                                '--json', tmp_path / f'{source}.json', '--out-dir',
+                                tmp_path / flag, check=True)
         evaluated[flag] = json.loads((tmp_path / f'{source}.json').read_text())
     assert evaluated['--onnx'] == evaluated['--ckpt'] and 'ONNX fp32' in result.stdout
-    deployed = evaluation.OnnxModel(tmp_path / 'fp32.onnx')
+    deployed = run_onnx.OnnxModel(tmp_path / 'fp32.onnx')
     assert (deployed.classes, deployed.palette) == (model.classes, model.palette)
     nameless = onnx.load(str(tmp_path / 'fp32.onnx'))
     del nameless.metadata_props[:]
     onnx.save(nameless, str(tmp_path / 'nameless.onnx'))
-    assert_one_line_error(run_here(evaluation, '--onnx', tmp_path / 'nameless.onnx', '--data-path',
-                                   data), 'no BiSeNetV1 export with its classes')
+    assert_one_line_error(run_here(run_onnx, tmp_path / 'nameless.onnx', '--data-path', data),
+                          'no BiSeNetV1 export with its classes')
     for label in (tmp_path / '--ckpt').rglob('*.png'):
         other = tmp_path / '--onnx' / label.relative_to(tmp_path / '--ckpt')
         assert np.array_equal(np.array(Image.open(label)), np.array(Image.open(other)))
-    train = bisenet.SegmentationDataset(data, 'train')
+    train = datalib.SegmentationDataset(data, 'train')
     images = [np.array(train[i][0])[None] for i in range(len(train))]
     lines = []
-    agreement = evaluation.export_int8(model, tmp_path / 'int8.onnx', images[:6], images[6:],
+    agreement = export_onnx.export_int8(model, tmp_path / 'int8.onnx', images[:6], images[6:],
                                        log=lines.append)
     assert agreement >= 0.97 and 'held-out' in lines[-2] and 'x the fast path' in lines[-1]
     nodes = onnx.load(str(tmp_path / 'int8.onnx')).graph.node
@@ -1456,16 +1471,16 @@ def test_onnx_file_evaluates_as_its_checkpoint_and_int8_stays_close(data, initia
                    for output in node.output}
     convs = [node for node in nodes if node.op_type == 'Conv']
     assert convs and all(set(conv.input[:2]) <= dequantized for conv in convs)   # int8 in, int8 w
-    run_here(evaluation, '--onnx', tmp_path / 'int8.onnx', '--data-path', data, '--workers', 0,
+    run_here(run_onnx, tmp_path / 'int8.onnx', '--data-path', data, '--workers', 0,
              '--json', tmp_path / 'int8.json', check=True)
     int8 = json.loads((tmp_path / 'int8.json').read_text())
     assert abs(int8['mIoU'] - evaluated['--ckpt']['mIoU']) <= 2.0, (int8, evaluated)
     lines = []
-    evaluation.benchmark_onnx(evaluation.OnnxModel(tmp_path / 'int8.onnx'), size=(64, 128),
+    run_onnx.benchmark_onnx(run_onnx.OnnxModel(tmp_path / 'int8.onnx'), size=(64, 128),
                               warmup=1, rounds=2, log=lines.append)
     assert 'ONNX int8' in lines[0] and lines[-1].startswith('FPS: ')
-    monkeypatch.setattr(bisenet, 'cpu_has_int8_dot', lambda: False)
-    evaluation.export_int8(model, tmp_path / 'again.onnx', images[:1], log=lines.append)
+    monkeypatch.setattr(export_onnx, 'cpu_has_int8_dot', lambda: False)
+    export_onnx.export_int8(model, tmp_path / 'again.onnx', images[:1], log=lines.append)
     assert lines[-1].startswith('this CPU has no int8 dot-product instructions')
 
 
@@ -1476,18 +1491,18 @@ def test_onnx_file_with_logits_segments_images_as_its_checkpoint(own_images, ini
     pytest.importorskip('onnxruntime')
     pytest.importorskip('onnx')
     model = bisenet.model_from_checkpoint(initial_checkpoint).eval()
-    evaluation.export_onnx(model, tmp_path / 'm.onnx', logits=True, check_sizes=((64, 128),),
+    export_onnx.export_onnx(model, tmp_path / 'm.onnx', logits=True, check_sizes=((64, 128),),
                            log=lambda line: None)
     for flag, source in (('--ckpt', initial_checkpoint), ('--onnx', tmp_path / 'm.onnx')):
-        run_here(evaluation, flag, source, '--images', own_images / 'street.png',
-                 own_images / 'sub', '--scale', 256, 128, '--workers', 0,
-                 '--out-dir', tmp_path / flag, check=True)
+        evaluate_model(flag, source, '--images', own_images / 'street.png', own_images / 'sub',
+                       '--scale', 256, 128, '--workers', 0, '--out-dir', tmp_path / flag,
+                       check=True)
     for label in (tmp_path / '--ckpt').rglob('*.png'):
         other = np.array(Image.open(tmp_path / '--onnx' / label.relative_to(tmp_path / '--ckpt')))
         assert (np.array(Image.open(label)) == other).mean() > 0.999, label
-    result = run_here(evaluation, '--ckpt', initial_checkpoint, '--export-onnx',
-                      tmp_path / 'i8.onnx', '--int8', '--calibrate', own_images,
-                      '--calibrate-count', 3, '--scale', 128, 64, check=True)
+    result = run_here(export_onnx, '--ckpt', initial_checkpoint, tmp_path / 'i8.onnx', '--int8',
+                      '--calibrate', own_images, '--calibrate-count', 3, '--scale', 128, 64,
+                      check=True)
     # Seven files: the first, fourth and last to calibrate on, the other four held out, of
     # which broken.png is named and skipped.
     skipped = result.stderr.strip().splitlines()
@@ -1498,26 +1513,30 @@ def test_onnx_file_with_logits_segments_images_as_its_checkpoint(own_images, ini
 
 def test_onnx_flags_that_cannot_work_are_one_line(checkpoint, tmp_path, monkeypatch):
     (tmp_path / 'not.onnx').write_bytes(b'not an onnx file')
-    cases = [(('--onnx', tmp_path / 'not.onnx'), 'cannot load'),
-             (('--onnx', tmp_path / 'not.onnx', '--ckpt', checkpoint), 'exclude each other'),
-             (('--ckpt', checkpoint, '--int8'), '--int8 goes with --export-onnx'),
-             (('--onnx', tmp_path / 'not.onnx', '--amp'), 'drop --amp'),
-             (('--ckpt', checkpoint, '--export-onnx', tmp_path / 'i8.onnx', '--int8',
-               '--data-path', tmp_path / 'nothing'), 'calibrates on --calibrate DIR')]
+    cases = [(run_onnx, (tmp_path / 'not.onnx',), 'cannot load'),
+             (video_tool, ('--onnx', tmp_path / 'not.onnx', '--ckpt', checkpoint, 'clip.mp4'),
+              'exclude each other'),
+             (export_onnx, ('--ckpt', checkpoint, tmp_path / 'm.onnx', '--calibrate', tmp_path),
+              'go with --int8'),
+             (video_tool, ('--onnx', tmp_path / 'not.onnx', '--amp', 'clip.mp4'), 'drop --amp'),
+             (export_onnx, ('--ckpt', checkpoint, tmp_path / 'i8.onnx', '--int8', '--data-path',
+                            tmp_path / 'nothing'), 'calibrates on --calibrate DIR')]
     if importlib.util.find_spec('onnxruntime') is None:
         cases = cases[1:-1]
-    for args, words in cases:
-        assert_one_line_error(run_here(evaluation, *args), words)
+    for tool, args, words in cases:
+        assert_one_line_error(run_here(tool, *args), words)
+    assert_one_line_error(run_here(evaluation, '--ckpt', checkpoint, '--onnx', 'm.onnx'),
+                          '--onnx is now python tools/run_onnx.py')
     monkeypatch.setitem(sys.modules, 'onnxruntime', None)
-    assert_one_line_error(run_here(evaluation, '--onnx', tmp_path / 'not.onnx'),
+    assert_one_line_error(run_here(run_onnx, tmp_path / 'not.onnx'),
                           'pip install onnx onnxruntime')
 
 
 def test_onnx_export_without_onnx_names_the_package(checkpoint, tmp_path):
     (tmp_path / 'onnx.py').write_text('raise ImportError("no onnx here")\n')
     env = dict(ENV, PYTHONPATH=f'{tmp_path}{os.pathsep}{HERE}')
-    result = subprocess.run([sys.executable, str(HERE / 'eval.py'), '--ckpt', str(checkpoint),
-                             '--export-onnx', str(tmp_path / 'm.onnx')], env=env,
+    result = subprocess.run([sys.executable, str(HERE / 'tools' / 'export_onnx.py'), '--ckpt',
+                             str(checkpoint), str(tmp_path / 'm.onnx')], env=env,
                             capture_output=True, text=True, timeout=240)
     assert_one_line_error(result, 'pip install onnx')
     assert not (tmp_path / 'm.onnx').exists()
@@ -1544,7 +1563,7 @@ def make_video(path, size, count, rate, audio=True, seed=0, video=True):
             video.width, video.height = size
             video.pix_fmt = 'yuv420p' if size[0] % 2 == 0 and size[1] % 2 == 0 else 'yuv444p'
         for i in range(count):
-            frame = av.VideoFrame.from_ndarray(bisenet.synthetic_scene(rng, size)[0], 'rgb24')
+            frame = av.VideoFrame.from_ndarray(datalib.synthetic_scene(rng, size)[0], 'rgb24')
             frame.pts = i
             container.mux(video.encode(frame))
         if video is not None:
@@ -1583,9 +1602,9 @@ def test_video_frames_are_the_images_label_maps_at_the_inputs_size_rate_and_soun
         videos, initial_checkpoint, tmp_path):
     """Two processes share the files; each frame's label map is what --images gives for that
     frame as a PNG, and the overlay video has the input's frames, size, rate, length and sound."""
-    result = torchrun('eval.py', '--ckpt', initial_checkpoint, '--video', videos, '--device',
-                      'cpu', '--scale', 256, 128, '--out-dir', tmp_path / 'labels',
-                      '--show-dir', tmp_path / 'show')
+    result = torchrun('tools/video.py', '--ckpt', initial_checkpoint, videos, '--device', 'cpu',
+                      '--scale', 256, 128, '--out-dir', tmp_path / 'labels', '--show-dir',
+                      tmp_path / 'show')
     assert 'the model alone at' in result.stdout.strip().splitlines()[-1]
     for name, video in (('odd.mkv', 'odd.mkv.mp4'), ('street', 'street.mp4')):
         source, shown = video_facts(videos / (name if '.' in name else f'{name}.mp4')), \
@@ -1618,8 +1637,8 @@ def test_video_broken_and_cut_off_files_are_named_and_the_rest_written(
     (tmp_path / 'long.mkv').unlink()
     make_video(tmp_path / 'sound.mkv', (64, 48), 10, 10, video=False)
     shutil.copy(videos / 'street.mp4', tmp_path / 'street.mp4')
-    result = run_here(evaluation, '--ckpt', initial_checkpoint, '--video', tmp_path / '*.m*',
-                      '--device', 'cpu', '--scale', 128, 64, '--out-dir', tmp_path / 'labels')
+    result = run_here(video_tool, '--ckpt', initial_checkpoint, tmp_path / '*.m*', '--device',
+                      'cpu', '--scale', 128, 64, '--out-dir', tmp_path / 'labels')
     errors = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(errors) == 4, result.stderr
     assert errors[0].startswith(f'skipped {tmp_path / "broken.mp4"}: FFmpeg cannot open it')
@@ -1636,15 +1655,14 @@ def test_video_broken_and_cut_off_files_are_named_and_the_rest_written(
 def test_video_without_pyav_names_the_package_before_any_work(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'av', None)            # import av fails, as where absent
     (tmp_path / 'clip.mp4').write_bytes(b'')
-    result = run_here(evaluation, '--ckpt', checkpoint, '--video', tmp_path / 'clip.mp4',
-                      '--show-dir', tmp_path / 'show')
+    result = run_here(video_tool, '--ckpt', checkpoint, tmp_path / 'clip.mp4', '--show-dir',
+                      tmp_path / 'show')
     assert_one_line_error(result, 'pip install av')
     assert not (tmp_path / 'show').exists()
-    both = run_here(evaluation, '--ckpt', checkpoint, '--video', tmp_path / 'clip.mp4',
-                    '--images', tmp_path)
-    assert_one_line_error(both, '--images and --video exclude each other')
+    moved = run_here(evaluation, '--ckpt', checkpoint, '--video', tmp_path / 'clip.mp4')
+    assert_one_line_error(moved, '--video is now python tools/video.py')
     scale = run_here(evaluation, '--ckpt', checkpoint, '--scale', 512, 256)
-    assert_one_line_error(scale, '--scale applies to --images, --video and --int8 only')
+    assert_one_line_error(scale, '--scale applies to --images only')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1814,9 +1832,9 @@ def test_train_with_a_cache_says_where_and_how_large(data, tmp_path):
     written = len(list((tmp_path / 'cache' / 'train').rglob('*.rgbl')))
     assert written >= 2 and sum(p.stat().st_size for p in (tmp_path / 'cache').rglob('*.rgbl')) \
         == written * entry
-    note = bisenet.Cityscapes(data, 'train', cache_dir=tmp_path / 'cache').cache_note
+    note = datalib.Cityscapes(data, 'train', cache_dir=tmp_path / 'cache').cache_note
     assert f'8 images, {8 * entry / 1e6:.2f} MB ({(8 - written) * entry / 1e6:.2f} MB still' in note
-    assert bisenet.size_text(25.1e9) == '25.1 GB'
+    assert runtime.size_text(25.1e9) == '25.1 GB'
 
 
 
@@ -2045,7 +2063,7 @@ def test_a_truncated_val_image_is_found_by_the_check_and_skipped_after_the_check
     root = copy_of(data, tmp_path)
     broken = sorted((root / 'leftImg8bit' / 'val').rglob('*.png'))[1]
     broken.write_bytes(broken.read_bytes()[:600])
-    assert bisenet.check_data(root, processes=1) == 1
+    assert check_data.check_data(root, processes=1) == 1
     assert f'cannot read {broken}' in capsys.readouterr().out
     validating = [arg for arg in TINY if arg != '--no-validate']
     result = train_here(*validating, '--data-path', root, '--iters', 2, '--workers', 0,
@@ -2110,14 +2128,12 @@ def test_outputs_on_a_full_disk_are_one_line_and_the_earlier_files_stay_whole(
 def test_an_onnx_export_to_a_read_only_or_full_disk_is_one_line_and_leaves_nothing(
         initial_checkpoint, tmp_path):
     with small_disk(tmp_path / 'ro', read_only=True) as read_only:
-        result = run_here(evaluation, '--ckpt', initial_checkpoint, '--export-onnx',
-                          read_only / 'm.onnx')
-        assert_one_line_error(result, f'--export-onnx {read_only}: cannot write in this folder '
+        result = run_here(export_onnx, '--ckpt', initial_checkpoint, read_only / 'm.onnx')
+        assert_one_line_error(result, f'the ONNX file\'s folder {read_only}: cannot write in this folder '
                                       f'(Read-only file system)')
     with small_disk(tmp_path / 'full', '1m') as full:
         (full / 'm.onnx').write_bytes(b'the earlier export')
-        result = run_here(evaluation, '--ckpt', initial_checkpoint, '--export-onnx',
-                          full / 'm.onnx')
+        result = run_here(export_onnx, '--ckpt', initial_checkpoint, full / 'm.onnx')
         assert_one_line_error(result, f'cannot write {full / "m.onnx"}', 'it needs 40.')
         assert [p.name for p in full.iterdir()] == ['m.onnx']
         assert (full / 'm.onnx').read_bytes() == b'the earlier export'
@@ -2202,7 +2218,7 @@ def test_flags_and_places_that_cannot_work_are_one_line_before_any_work(data, tm
 def test_a_16_bit_greyscale_image_is_read_as_the_reference_reads_it(initial_checkpoint, tmp_path):
     """cv2 keeps a 16-bit PNG's high byte; convert('RGB') would clip it at 255 (a white
     picture)."""
-    grey = bisenet.synthetic_scene(np.random.default_rng(3), (160, 96))[0].mean(2)
+    grey = datalib.synthetic_scene(np.random.default_rng(3), (160, 96))[0].mean(2)
     deep = (grey.astype(np.uint16) << 8) | np.uint16(0x5A)
     (tmp_path / 'in').mkdir()
     Image.fromarray(deep).save(tmp_path / 'in' / 'deep.png')
@@ -2226,7 +2242,7 @@ def test_the_answers_a_user_needs_for_the_wrong_file_in_the_wrong_place(data, tm
         (train, ['--pretrained', tmp_path / 'bisenet.pth'], 'give it with --load-from'),
         (train, ['--data-path', tmp_path / 'bisenet.pth'], 'is a file, not a folder'),
         (evaluation, ['--ckpt', tmp_path, '--data-path', data], f'{tmp_path} is a folder'),
-        (evaluation, ['--onnx', tmp_path / 'bisenet.pth'], 'give it with --ckpt'),
+        (run_onnx, [tmp_path / 'bisenet.pth'], 'give it with --ckpt'),
         (evaluation, ['--ckpt', tmp_path / 'bisenet.pth'], 'give --data-path ROOT'),
         (evaluation, ['--ckpt', tmp_path / 'resnet18.pth', '--data-path', data],
          'train one from them with train.py --pretrained')]
@@ -2318,10 +2334,10 @@ def test_train_bad_input(data, tmp_path):
 
 
 def test_one_size_crop_is_square_and_two_are_h_w(data, tmp_path):
-    assert bisenet.parse_crop_size([96]) == (96, 96)
-    assert bisenet.parse_crop_size([64, 128]) == (64, 128)
-    with pytest.raises(bisenet.SetupError, match='one positive size or H W'):
-        bisenet.parse_crop_size([1, 2, 3])
+    assert datalib.parse_crop_size([96]) == (96, 96)
+    assert datalib.parse_crop_size([64, 128]) == (64, 128)
+    with pytest.raises(runtime.SetupError, match='one positive size or H W'):
+        datalib.parse_crop_size([1, 2, 3])
     result = train_here(*TINY, '--data-path', data, '--iters', 2, '--workers', 0,
                         '--crop-size', 96, '--work-dir', tmp_path)
     assert 'crop 96x96' in result.stdout
@@ -2362,18 +2378,18 @@ class RecordingScaler:
 
 
 def test_resume_in_another_precision_starts_a_fresh_loss_scale():
-    runtime = bisenet.Runtime('cpu')
+    rt = runtime.Runtime('cpu')
     fp32_state, cuda_fp16_state = {}, {'scale': 1024.0, 'growth_factor': 2.0, 'backoff_factor': 0.5,
                                        'growth_interval': 2000, '_growth_tracker': 7}
     npu_static_state = dict(cuda_fp16_state, dynamic=False)
     scaler = RecordingScaler()
-    assert runtime.load_grad_scaler(scaler, fp32_state) is None              # fp32 -> fp32
-    assert 'was dynamic' in runtime.load_grad_scaler(scaler, cuda_fp16_state)   # fp16 -> fp32
-    runtime.amp_dtype, runtime.precision = torch.float16, 'fp16'             # as on an accelerator
-    assert 'was off' in runtime.load_grad_scaler(scaler, fp32_state)         # fp32 -> fp16
-    assert 'was static' in runtime.load_grad_scaler(scaler, npu_static_state)
+    assert rt.load_grad_scaler(scaler, fp32_state) is None              # fp32 -> fp32
+    assert 'was dynamic' in rt.load_grad_scaler(scaler, cuda_fp16_state)   # fp16 -> fp32
+    rt.amp_dtype, rt.precision = torch.float16, 'fp16'             # as on an accelerator
+    assert 'was off' in rt.load_grad_scaler(scaler, fp32_state)         # fp32 -> fp16
+    assert 'was static' in rt.load_grad_scaler(scaler, npu_static_state)
     assert not scaler.loaded
-    assert runtime.load_grad_scaler(scaler, cuda_fp16_state) is None         # CUDA -> NPU: the
+    assert rt.load_grad_scaler(scaler, cuda_fp16_state) is None         # CUDA -> NPU: the
     assert scaler.loaded == [dict(cuda_fp16_state, dynamic=True)]            # key torch_npu needs
 
 
@@ -2393,11 +2409,11 @@ class StandInAccelerator:
 def npu_runtime(monkeypatch, npu, **kwargs):
     """A Runtime on the stand-in NPU `npu` (torch.device cannot name an NPU without
     torch_npu: it is stood in for while the Runtime is made)."""
-    monkeypatch.setattr(bisenet, 'import_torch_npu', lambda: npu)
+    monkeypatch.setattr(runtime, 'import_torch_npu', lambda: npu)
     monkeypatch.setattr(torch, 'npu', npu, raising=False)
     with monkeypatch.context() as patch:
         patch.setattr(torch, 'device', lambda kind, index=None: f'{kind}:{index}')
-        return bisenet.Runtime('npu', **kwargs)
+        return runtime.Runtime('npu', **kwargs)
 
 
 def test_the_runtime_asks_the_npu_nothing_before_set_device(monkeypatch):
@@ -2405,8 +2421,8 @@ def test_the_runtime_asks_the_npu_nothing_before_set_device(monkeypatch):
     no device is set yet: with 8 processes, 8 contexts on NPU 0."""
     npu = StandInAccelerator(device_count=8, is_bf16_supported=True)
     monkeypatch.setenv('LOCAL_RANK', '3')
-    runtime = npu_runtime(monkeypatch, npu, amp=True, amp_dtype='bf16')
-    assert runtime.device == 'npu:3' and runtime.precision == 'bf16'
+    rt = npu_runtime(monkeypatch, npu, amp=True, amp_dtype='bf16')
+    assert rt.device == 'npu:3' and rt.precision == 'bf16'
     first = npu.calls.index('set_device')
     assert set(npu.calls[:first]) <= {'device_count', 'is_available'}, npu.calls
     assert 'is_bf16_supported' in npu.calls[first:]
@@ -2415,12 +2431,12 @@ def test_the_runtime_asks_the_npu_nothing_before_set_device(monkeypatch):
 def test_more_processes_than_devices_is_one_line_naming_both(monkeypatch):
     npu = StandInAccelerator(device_count=1)
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
-    with pytest.raises(bisenet.SetupError, match='2 processes on this host need 2 npu devices, '
+    with pytest.raises(runtime.SetupError, match='2 processes on this host need 2 npu devices, '
                                                  'but it shows 1: start at most 1'):
         npu_runtime(monkeypatch, npu)
     assert 'set_device' not in npu.calls
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')
-    with pytest.raises(bisenet.SetupError, match='--device_list 4 names npu device 4, but this '
+    with pytest.raises(runtime.SetupError, match='--device_list 4 names npu device 4, but this '
                                                  'host shows 1'):
         npu_runtime(monkeypatch, npu, device_list='4')
 
@@ -2428,13 +2444,13 @@ def test_more_processes_than_devices_is_one_line_naming_both(monkeypatch):
 def test_what_waits_and_910a_saturation_mode_are_said_at_the_start(monkeypatch):
     npu = StandInAccelerator(device_count=1)
     npu.utils = types.SimpleNamespace(is_support_inf_nan=lambda: False)     # a 910A
-    runtime = npu_runtime(monkeypatch, npu, amp=True)
-    assert 'saturation mode' in ' '.join(runtime.training_notes(128))
-    assert "three times a step in torch_npu's fp16 GradScaler" in runtime.training_notes(-1)[0]
+    rt = npu_runtime(monkeypatch, npu, amp=True)
+    assert 'saturation mode' in ' '.join(rt.training_notes(128))
+    assert "three times a step in torch_npu's fp16 GradScaler" in rt.training_notes(-1)[0]
     npu.utils.is_support_inf_nan = lambda: True                            # a 910B
-    assert not runtime.training_notes(128)                                 # static: no wait
+    assert not rt.training_notes(128)                                 # static: no wait
     if hasattr(torch.amp, 'GradScaler'):                                   # torch.amp's scaler
-        assert 'once a step in the fp16 GradScaler' in runtime.training_notes(-1)[0]
+        assert 'once a step in the fp16 GradScaler' in rt.training_notes(-1)[0]
 
 
 def test_the_log_counts_the_steps_an_overflow_skipped():
@@ -2448,29 +2464,29 @@ def test_the_log_counts_the_steps_an_overflow_skipped():
 
 def test_one_process_on_an_accelerator_keeps_batchnorm_several_sync_it():
     """torch_npu 2.1.0.post6-post11's SyncBatchNorm fails without a process group."""
-    runtime = bisenet.Runtime('cpu')
-    runtime.type = 'npu'                                  # as a one-NPU run has it
+    rt = runtime.Runtime('cpu')
+    rt.type = 'npu'                                  # as a one-NPU run has it
     head = bisenet.FCNHead(8, 4, 3)
-    assert isinstance(runtime.sync_batchnorm(head).convs[0].bn, torch.nn.BatchNorm2d)
-    assert not isinstance(runtime.sync_batchnorm(head).convs[0].bn, torch.nn.SyncBatchNorm)
-    runtime.distributed = True
-    assert isinstance(runtime.sync_batchnorm(head).convs[0].bn, torch.nn.SyncBatchNorm)
+    assert isinstance(rt.sync_batchnorm(head).convs[0].bn, torch.nn.BatchNorm2d)
+    assert not isinstance(rt.sync_batchnorm(head).convs[0].bn, torch.nn.SyncBatchNorm)
+    rt.distributed = True
+    assert isinstance(rt.sync_batchnorm(head).convs[0].bn, torch.nn.SyncBatchNorm)
 
 
 def test_batches_are_pinned_for_the_npu_on_every_torch(monkeypatch):
     """Before torch 2.9 the DataLoader pins for CUDA unless told the device (2.6 and 2.7 too);
     from 2.9 on it pins for the current accelerator and warns when told."""
-    runtime = bisenet.Runtime('cpu')
-    assert not runtime.loader_options()['pin_memory']
-    runtime.type = 'npu'
+    rt = runtime.Runtime('cpu')
+    assert not rt.loader_options()['pin_memory']
+    rt.type = 'npu'
     for version, told in (('2.1.0', True), ('2.6.0', True), ('2.8.0', True), ('2.9.0', False),
                           ('2.13.0+cpu', False)):
         monkeypatch.setattr(torch, '__version__', version)
-        options = runtime.loader_options()
+        options = rt.loader_options()
         assert options['pin_memory'] and (options.get('pin_memory_device') == 'npu') == told
 
 
-@pytest.mark.skipif(not (hasattr(torch.amp, 'GradScaler') and bisenet.fused_sgd_available()),
+@pytest.mark.skipif(not (hasattr(torch.amp, 'GradScaler') and runtime.fused_sgd_available()),
                     reason='needs torch.amp.GradScaler and a fused SGD (torch >= 2.3)')
 def test_a_first_step_skipped_for_an_overflow_leaves_fused_sgd_as_unfused(monkeypatch):
     """Fused SGD (on CUDA, and on CPU in torch >= 2.4) under a GradScaler: a first step whose
@@ -2478,10 +2494,10 @@ def test_a_first_step_skipped_for_an_overflow_leaves_fused_sgd_as_unfused(monkey
     makes the momentum buffers with empty_like at the first step and its fused kernel returns
     early on an overflow: the next step would read uninitialised memory (NaN here)."""
     def two_steps(fused):
-        runtime = bisenet.Runtime('cpu')
-        runtime.type = 'cuda' if fused else 'cpu'           # fused SGD is the CUDA runtime's
+        rt = runtime.Runtime('cpu')
+        rt.type = 'cuda' if fused else 'cpu'           # fused SGD is the CUDA runtime's
         weight = torch.nn.Parameter(torch.ones(4096))
-        optimizer = runtime.sgd([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+        optimizer = rt.sgd([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
         scaler = torch.amp.GradScaler('cpu')
         for loss_factor in (float('inf'), 1.0):
             optimizer.zero_grad(set_to_none=True)
@@ -2493,7 +2509,7 @@ def test_a_first_step_skipped_for_an_overflow_leaves_fused_sgd_as_unfused(monkey
     try:
         (fused, fused_scale), (unfused, scale) = two_steps(True), two_steps(False)
     except RuntimeError as e:             # torch 2.3: a fused SGD for CUDA only
-        pytest.skip(f'no fused SGD on CPU here ({bisenet.one_line(e)[:60]})')
+        pytest.skip(f'no fused SGD on CPU here ({runtime.one_line(e)[:60]})')
     assert fused_scale == scale == 2.0 ** 15                # one skipped step: halved once
     assert torch.isfinite(fused).all() and torch.equal(fused, unfused)
     assert torch.allclose(unfused, torch.full((4096,), 1 - 0.1 * (1 + 5e-4)))
@@ -2518,10 +2534,10 @@ def test_the_confusion_matrix_never_reads_the_device_and_equals_bincount():
 
 
 def test_torch_before_2_3_with_numpy_2_is_named_in_one_line():
-    assert 'pip install "numpy<2"' in bisenet.numpy_problem('2.1.0+cpu', '2.0.1')
-    assert 'torch 2.2.2 needs NumPy 1' in bisenet.numpy_problem('2.2.2', '2.1.0')
+    assert 'pip install "numpy<2"' in runtime.numpy_problem('2.1.0+cpu', '2.0.1')
+    assert 'torch 2.2.2 needs NumPy 1' in runtime.numpy_problem('2.2.2', '2.1.0')
     for torch_version, numpy_version in (('2.1.0', '1.26.4'), ('2.3.0', '2.0.0'), ('2.13.0', '2.4.6')):
-        assert bisenet.numpy_problem(torch_version, numpy_version) is None
+        assert runtime.numpy_problem(torch_version, numpy_version) is None
 
 
 def test_prof_names_the_iterations_it_records(data, tmp_path):
@@ -2697,7 +2713,7 @@ def test_the_test_pipelines_rescale_is_mmsegmentations(mmseg, tmp_path):
     resize = Resize(scale=(2048, 1024), keep_ratio=True)
     sizes = ((97, 61), (640, 480), (3001, 999), (2048, 1024), (600, 1400))
     for width, height in sizes:
-        image = bisenet.synthetic_scene(np.random.default_rng(width), (width, height))[0]
+        image = datalib.synthetic_scene(np.random.default_rng(width), (width, height))[0]
         Image.fromarray(image).save(tmp_path / f'{width}.png')
     files = evaluation.ImageFiles(sorted(tmp_path.glob('*.png')))
     for index, path in enumerate(files.paths):
@@ -2770,17 +2786,17 @@ def test_cuda_fast_path_equals_the_plain_model():
     plain model's on >= 99.9% of the pixels whose top-two logits differ by over 1% of the logit
     range. Closer ties of an untrained network are below bf16's resolution; they are 17% of
     the pixels with seed 0 (on a CPU; 8-22% with seeds 1-5), so over half are compared."""
-    runtime = bisenet.Runtime('cuda')
-    image, _ = bisenet.synthetic_scene(np.random.default_rng(0), size=(1024, 512))
+    rt = runtime.Runtime('cuda')
+    image, _ = datalib.synthetic_scene(np.random.default_rng(0), size=(1024, 512))
     torch.manual_seed(0)                      # the reference's initial weights, always the same
-    x = bisenet.normalize(torch.from_numpy(image).permute(2, 0, 1)[None].to(runtime.device))
+    x = datalib.normalize(torch.from_numpy(image).permute(2, 0, 1)[None].to(rt.device))
     fast_x = x.contiguous(memory_format=torch.channels_last)
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
         for model in (random_state(bisenet.BiSeNetV1().eval()), bisenet.BiSeNetV1().eval()):
-            model = model.to(runtime.device)
-            fast = evaluation.prepare_for_inference(model, runtime)
+            model = model.to(rt.device)
+            fast = evaluation.prepare_for_inference(model, rt)
             with torch.no_grad():
                 plain, out = model(x), fast(fast_x)
             assert (out - plain).abs().max() <= 1e-4 * plain.abs().max()
@@ -2813,7 +2829,7 @@ def test_cuda_video_runs_at_the_pace_of_its_slowest_stage(initial_checkpoint, tm
     GPU, the host's drawing and encoding), and its label maps are --images' on the decoded
     frames (>= 99.9%)."""
     make_video(tmp_path / 'drive.mp4', (1280, 720), 120, 30)
-    result = run('eval.py', '--ckpt', initial_checkpoint, '--video', tmp_path / 'drive.mp4',
+    result = run('tools/video.py', '--ckpt', initial_checkpoint, tmp_path / 'drive.mp4',
                  '--device', 'cuda', '--out-dir', tmp_path / 'labels', '--show-dir',
                  tmp_path / 'show', timeout=600)
     last = result.stdout.strip().splitlines()[-1]

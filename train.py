@@ -36,17 +36,493 @@ import sys
 import time
 from pathlib import Path
 
-import bisenet  # first: it checks that this torch can run next to this NumPy before torch loads
-import numpy as np
-import torch
-import torch.nn.functional as F
+from runtime import OutputError, Runtime, SetupError, fail, make_dir, one_line, physical_memory, save_bytes, size_text, write_failure  # first: it checks that this torch can run next to this NumPy before torch loads
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 try:
     import fcntl                                 # the work dir's lock; POSIX only
 except ImportError:
     fcntl = None
 
-from eval import evaluate, format_table, metrics_record
+import bisenet  # noqa: E402
+import data  # noqa: E402
+from eval import evaluate, format_table, metrics_record  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe, top-down: data, model, resume, then the loop with its step in view
+# ----------------------------------------------------------------------------------------------
+
+
+def train(args, runtime, opened, note=None):
+    """The recipe, top-down: data, model and resume, then the loop. What it opens (files, the
+    signal handlers) goes on `opened`, which main() closes however the run ends. `note`: a
+    line hold_work_dir has for the log."""
+    work_dir = Path(args.work_dir)                # made and locked by hold_work_dir
+    log, announce = open_log(work_dir, runtime, opened)
+    if note:
+        log(note)
+    validate = not (args.no_validate or args.perf or args.prof)
+    train_set, val_set = make_data_sets(args, runtime, validate, log)
+    model, optimizer, scaler = make_model(args, runtime, train_set, log)
+    start_iter, best_miou = resume(args, runtime, model, optimizer, scaler, log)
+    if start_iter >= args.iters:                  # a finished run: resume() said so
+        if args.demo and validate:
+            log(demo_result(best_miou, len(val_set), work_dir, args.data_path))
+        return
+    ddp_model = runtime.data_parallel(model)
+    loader = make_loader(args, runtime, train_set, start_iter)
+    # From here on SIGTERM and SIGINT stop the run at a sync point (the data workers, forked at
+    # the first batch, inherit the handler and leave the decision to this process).
+    stop = opened.enter_context(StopRequest(start_iter, args, validate, announce))
+    log_setup(args, runtime, len(train_set), model.num_classes, log)
+    run = Run(args, runtime, model, optimizer, scaler, val_set, validate, stop, best_miou, log)
+    run.open_records(start_iter, opened)
+    profiler = runtime.profiler(work_dir / 'prof') if args.prof else None
+    if profiler is not None:
+        profiler.start()
+    perf_warmup, perf_start = min(10, max(args.iters - start_iter - 1, 0) // 5), None
+
+    # Nothing here makes an iteration wait for the device, so the host can queue the next one:
+    # the losses add up on the device (Window), and the host reads them, checks the run's
+    # health and looks for a stop signal only at a sync point (due(): the same iterations on
+    # every rank). Where torch or torch_npu wait inside a step, log_setup said so.
+    model.train()
+    iteration, batches = start_iter, iter(loader)
+    window = Window(iteration + 1, runtime.device)
+    while iteration < args.iters:
+        data_start = time.time()
+        images, labels, params = next(batches)
+        window.data_time += time.time() - data_start
+        images = images.to(runtime.device, non_blocking=True)
+        labels = labels.to(runtime.device, non_blocking=True).long()
+        images = data.distort_and_normalize(images, params)
+        images = images.contiguous(memory_format=runtime.train_format)
+
+        lr = get_lr(iteration, args.lr, args.iters, args.warmup_iters)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        # Dropout's randomness is a function of (seed, iteration, rank): exact resume for free.
+        torch.manual_seed(int(np.random.SeedSequence([args.seed, iteration, runtime.rank])
+                              .generate_state(1)[0]))
+        with runtime.autocast():
+            outputs = ddp_model(images)
+        losses = torch.stack(criterion(outputs, labels))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses.sum()).backward()
+        scale = runtime.scale_of(scaler)      # a step after which the scale is lower was skipped
+        scaler.step(optimizer)
+        scaler.update()
+        window.add(losses, scale, runtime.scale_of(scaler))
+        iteration += 1
+        stop.done = iteration
+
+        if profiler is not None:
+            profiler.step()
+            if iteration - start_iter >= 7:     # the schedule skips one step and warms up one
+                profiler.stop()
+                log(f'profile of iterations {start_iter + 3}-{iteration} written to '
+                    f'{work_dir / "prof"}')
+                return
+        if iteration - start_iter == perf_warmup:
+            runtime.synchronize()
+            perf_start = time.time()
+        if any(due(iteration, args, validate)):
+            window = sync_point(run, iteration, lr, window)
+            if window is None:                  # stopped by a signal, latest.pth saved
+                return
+
+    if args.perf and perf_start is not None:
+        runtime.synchronize()
+        images = (iteration - start_iter - perf_warmup) * args.batch_size * runtime.world_size
+        log(f'FPS: {images / (time.time() - perf_start):.2f}')
+    if args.demo and validate:
+        log(demo_result(run.last_miou, len(val_set), work_dir, args.data_path))
+
+
+def make_data_sets(args, runtime, validate, log):
+    """The training set and the validation set (None without validation), after a quick look
+    at their labels (every one of a small set, the same on every rank): a wrong label value
+    costs one line now, not a crash hours into the run. --demo without --data-path writes its
+    synthetic set first."""
+    if args.demo and args.data_path is None:
+        args.data_path = str(Path(args.work_dir) / 'demo_data')
+        if runtime.rank == 0 and not (Path(args.data_path) / 'gtFine').is_dir():
+            data.make_synthetic_cityscapes(args.data_path, seed=args.seed)
+        if runtime.distributed:
+            torch.distributed.barrier()
+    # The photometric distortion and normalisation run batched on the device, in the loop.
+    train_set = data.SegmentationDataset(
+        args.data_path, 'train', data.TrainTransform(args.crop_size, on_device=True),
+        cache_dir=args.cache_dir)
+    val_set = (data.SegmentationDataset(args.data_path, 'val',
+                                           data.EvalTransform(on_device=True),
+                                           cache_dir=args.cache_dir) if validate else None)
+    for dataset in (train_set, val_set):
+        if dataset is None:
+            continue
+        found = data.survey(dataset.layout, dataset.split, dataset.samples, limit=200,
+                               processes=args.workers)
+        if found['problems']:
+            raise data.DatasetError(found['problems'][0]
+                                       + data.more(found['problems'], args.data_path))
+        if dataset is train_set:
+            for warning in found['warnings']:
+                log(f'warning: {warning}')
+            smaller = np.mean([w < args.crop_size[1] or h < args.crop_size[0]
+                               for w, h in found['sizes']])
+            if smaller > 0.5:
+                log(f'note: the crop {args.crop_size[0]}x{args.crop_size[1]} is larger than '
+                    f'{100 * smaller:.0f}% of the training images: on average '
+                    f'{100 * data.padding_share(found["sizes"], args.crop_size):.0f}% of each crop '
+                    f'will be padding (ignored pixels); a smaller --crop-size wastes less')
+        if dataset.cache_note:
+            log(dataset.cache_note)
+    return train_set, val_set
+
+
+def make_model(args, runtime, train_set, log):
+    """The model for the data set's classes (the same initial weights on every process, then
+    --pretrained or --load-from), on the device, with its SGD and fp16 loss scaler."""
+    torch.manual_seed(args.seed)
+    model = bisenet.BiSeNetV1(len(train_set.classes), args.backbone, train_set.classes,
+                              train_set.palette)
+    if args.pretrained:
+        bisenet.load_imagenet_backbone(model, args.pretrained)
+    if args.load_from:           # of another class count: all but the classifiers
+        bisenet.load_checkpoint(model, args.load_from, args.trust_pickle, new_classes=True,
+                                log=lambda line: log(f'--load-from {line}'))
+    # SyncBN where the reference has it: the ResNet and the heads; the BiSeNet layers keep BN.
+    model.decode_head = runtime.sync_batchnorm(model.decode_head)
+    model.auxiliary_head = runtime.sync_batchnorm(model.auxiliary_head)
+    model.backbone.context_path.backbone = runtime.sync_batchnorm(
+        model.backbone.context_path.backbone)
+    model = model.to(runtime.device, memory_format=runtime.train_format)
+    optimizer = runtime.sgd(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    return model, optimizer, runtime.grad_scaler(args.loss_scale)
+
+
+def resume(args, runtime, model, optimizer, scaler, log):
+    """(iteration, best mIoU) to continue from: --resume-from's checkpoint (with 'auto' the
+    newest of the work dir that loads), loaded into the model, optimizer and scaler, or said
+    to be the end of the run already; (0, -1.0) for a new run."""
+    path, ckpt = args.resume_from, None
+    if path == 'auto':
+        path, ckpt = newest_resumable(Path(args.work_dir), log)
+    elif path:
+        ckpt = read_resumable(path)
+    if ckpt is None:
+        return 0, -1.0
+    bisenet.load_state_dict(model, ckpt['model'], source=str(path))
+    kernels = [{k: g[k] for k in ('foreach', 'fused') if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt['optimizer'])
+    for group, own in zip(optimizer.param_groups, kernels):
+        group.update(own)               # this device's SGD kernel, not the one that saved it
+    fresh_scaler = runtime.load_grad_scaler(scaler, ckpt.get('scaler'), args.loss_scale)
+    if fresh_scaler:
+        log(fresh_scaler)
+    if ckpt['iteration'] < args.iters:
+        log(f'resumed from {path} at iteration {ckpt["iteration"]}')
+    else:
+        log(f'{path} is at iteration {ckpt["iteration"]}: the run is complete (--iters '
+            f'{args.iters}), nothing to train; give a larger --iters to train on')
+    saved, changed = ckpt.get('args') or {}, []
+    for name in ('batch_size', 'crop_size'):
+        ours = ' '.join(map(str, np.atleast_1d(getattr(args, name))))
+        theirs = ' '.join(map(str, np.atleast_1d(saved.get(name, getattr(args, name)))))
+        if ours != theirs:
+            changed.append(f'--{name.replace("_", "-")} {ours} (it trained with {theirs})')
+    if changed:
+        log(f'note: {path} continues with {" and ".join(changed)}: the schedule goes on, the '
+            f'images per iteration change')
+    # A checkpoint is written before its iteration's validation: that validation's mIoU is in
+    # the records, not in the checkpoint.
+    validated = [record['mIoU'] for record in read_records(Path(args.work_dir) / 'metrics.jsonl')
+                 if 'mIoU' in record and record['iter'] <= ckpt['iteration']]
+    return ckpt['iteration'], max([ckpt.get('best_miou', -1.0)] + validated)
+
+
+def make_loader(args, runtime, train_set, start_iter):
+    """This rank's endless stream of training batches, from sample start_iter x batch on."""
+    sampler = data.InfiniteSampler(len(train_set), args.seed, runtime.rank,
+                                      runtime.world_size, start=start_iter * args.batch_size)
+    return torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        drop_last=True, persistent_workers=args.workers > 0,   # drop_last: static shapes (NPU)
+        **runtime.loader_options())
+
+
+def log_setup(args, runtime, images, num_classes, log):
+    global_batch = args.batch_size * runtime.world_size
+    log(f'BiSeNetV1 {args.backbone} on {runtime.device} x {runtime.world_size} process(es) '
+        f'({runtime.backend}), {runtime.precision}; global batch {global_batch} '
+        f'({args.batch_size} per device), crop {args.crop_size[0]}x{args.crop_size[1]}, '
+        f'{args.iters} iterations, SGD lr {args.lr} (warmup {args.warmup_iters}, poly 0.9 to '
+        f'1e-4), {images} training images from {args.data_path}, {num_classes} classes')
+    if global_batch != 16 and not args.demo:
+        log('note: the reference recipe uses a global batch of 16 with lr 0.025')
+    for note in runtime.training_notes(args.loss_scale):
+        log(note)
+    if args.sync_debug and runtime.type != 'cuda':
+        log('note: --sync-debug checks CUDA devices only')
+
+
+def get_lr(it, base_lr, iters, warmup_iters, warmup_ratio=0.1, min_lr=1e-4, power=0.9):
+    """Learning rate of iteration `it` (0-based), as mmengine's LinearLR + PolyLR give it."""
+    # 1) linear warmup from warmup_ratio x base_lr, reaching base_lr at it = warmup_iters - 1
+    if it < warmup_iters:
+        return base_lr * (warmup_ratio + (1 - warmup_ratio) * it / max(warmup_iters - 1, 1))
+    # 2) poly decay from base_lr to min_lr, reached at the last iteration
+    progress = (it - warmup_iters) / max(iters - warmup_iters - 1, 1)
+    return min_lr + (base_lr - min_lr) * (1 - min(progress, 1.0)) ** power
+
+
+def criterion(outputs, label):
+    """Per-head cross entropy of the logits upsampled (bilinear) to the label, averaged over
+    all pixels with ignored ones counting zero, as the reference (PyTorch's default mean would
+    divide by the non-ignored pixels only). Returns the three heads' losses."""
+    losses = []
+    for logits in outputs:
+        logits = F.interpolate(logits, size=label.shape[1:], mode='bilinear', align_corners=False)
+        loss = F.cross_entropy(logits.float(), label, ignore_index=data.IGNORE_INDEX,
+                               reduction='sum')
+        losses.append(loss / label.numel())
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# The sync point: what an iteration does besides its step
+# ----------------------------------------------------------------------------------------------
+
+
+def due(iteration, args, validate):
+    """What iteration `iteration` (1-based: the number of steps done) does besides its step:
+    (log, validate, save). An iteration that does any of them is a sync point, the only place
+    where the host waits for the device; the last iteration does all three."""
+    last = iteration == args.iters
+    return (iteration % args.log_interval == 0 or last,
+            validate and (iteration % args.val_interval == 0 or last),
+            not args.perf and (iteration % args.ckpt_interval == 0 or last))
+
+
+def next_sync_point(iteration, args, validate):
+    """The first sync point (due()) at or after `iteration`, at most args.iters."""
+    intervals = [args.log_interval] + [args.val_interval] * validate \
+        + [args.ckpt_interval] * (not args.perf)
+    return min([args.iters] + [-(-iteration // n) * n for n in intervals])
+
+
+class Window:
+    """The iterations since the last log, on the device: each head's loss added up (a
+    non-finite loss is counted instead), the steps the dynamic fp16 loss scale skipped, and
+    the seconds spent waiting for data."""
+
+    def __init__(self, first, device):
+        self.first, self.start, self.data_time, self.count = first, time.time(), 0.0, 0
+        self.losses = torch.zeros(3, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, losses, scale_before=None, scale_after=None):
+        losses = losses.detach()
+        finite = losses.isfinite().all()
+        self.losses += torch.where(finite, losses, torch.zeros_like(losses))
+        self.nonfinite += ~finite
+        if scale_before is not None:            # an overflow skips the step and lowers the scale
+            self.skipped += scale_after < scale_before
+        self.count += 1
+
+
+def sync_point(run, iteration, lr, window):
+    """What an iteration due() for does besides its step, in this order: the health check
+    (so that no checkpoint ever holds a diverged run), the log, the checkpoints (before
+    anything else can fail), validation (and best.pth), the stop signal. Returns the next
+    window, or None where the run stops."""
+    args, runtime, model = run.args, run.runtime, run.model
+    log_due, val_due, save_due = due(iteration, args, run.validate)
+    runtime.forbid_syncs(False)
+    weights_finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+    signalled = torch.tensor(int(run.stop.due(iteration)), device=runtime.device)
+    status = torch.stack([window.nonfinite, (~weights_finite).long(), signalled])
+    nonfinite, broken_weights, stopping = runtime.all_reduce(status).tolist()
+    scale = run.scaler.get_scale() if run.loss_scaling == 'dynamic' else None
+    why = divergence(nonfinite, not broken_weights, run.loss_scaling, scale)
+    if why:
+        hint = ' or --loss-scale' if run.loss_scaling == 'static' else ''
+        raise SetupError(f'training diverged between iterations {window.first} and '
+                                 f'{iteration}: {why}; lower --lr{hint} and resume from the '
+                                 f'last checkpoint')
+    if log_due:
+        record = log_window(window, iteration, lr, scale, args, runtime, run.log)
+        run.write(record, {f'train/{key}': value for key, value in record.items()
+                           if key not in ('iter', 'eta_s')}, iteration)
+        window = Window(iteration + 1, runtime.device)
+    if save_due:
+        run.checkpoint(iteration, [f'iter_{iteration}.pth', 'latest.pth'])
+    if val_due:
+        validate(run, iteration)
+    if stopping and iteration < args.iters:
+        run.checkpoint(iteration, ['latest.pth'])
+        run.log(f'stopped by {run.stop.signal or "signal"} at iteration {iteration}: saved '
+                f'latest.pth; continue with --resume-from auto')
+        return None
+    runtime.forbid_syncs(args.sync_debug)
+    return window
+
+
+def divergence(nonfinite_steps, weights_finite, loss_scaling, scale):
+    """Why training cannot go on, or None, from what the iterations since the last check saw:
+    how many had a non-finite loss, whether the weights are still finite, the loss scaling
+    (Runtime.loss_scaling) and the fp16 loss scale now."""
+    if not weights_finite:
+        return 'the weights are no longer finite'
+    if loss_scaling == 'dynamic':
+        # An overflow skips its step and halves the scale: below 1, nearly every step overflows.
+        return f'the fp16 loss scale fell to {scale:g}: gradients overflow at every step' \
+            if scale < 1 else None
+    if nonfinite_steps:
+        return f'the loss was not finite in {nonfinite_steps} iteration(s)'
+    return None
+
+
+def log_window(window, iteration, lr, scale, args, runtime, log):
+    """Log the iterations of a window in one line; returns its record (metrics.jsonl and
+    TensorBoard's train/ curves)."""
+    step_time = (time.time() - window.start) / window.count
+    skipped = int(window.skipped)
+    head_losses = (window.losses / max(window.count - int(window.nonfinite), 1)).tolist()
+    global_batch = args.batch_size * runtime.world_size
+    record = {'iter': iteration, 'lr': lr, 'loss': sum(head_losses),
+              'loss_decode': head_losses[0], 'loss_aux8': head_losses[1],
+              'loss_aux16': head_losses[2], 'data_time': window.data_time / window.count,
+              'step_time': step_time, 'images_per_s': global_batch / step_time,
+              'eta_s': step_time * (args.iters - iteration), **dict([runtime.peak_memory()])}
+    scaling = ''
+    if scale is not None:
+        record.update(loss_scale=scale, skipped_steps=skipped)
+        scaling = f'  scale {scale:g}' + (f' ({skipped} skipped)' if skipped else '')
+    log(f'iter {iteration}/{args.iters}  lr {lr:.3e}  loss {record["loss"]:.4f} (decode '
+        f'{head_losses[0]:.4f} aux8 {head_losses[1]:.4f} aux16 {head_losses[2]:.4f})  data '
+        f'{record["data_time"]:.3f}s  step {step_time:.3f}s  {record["images_per_s"]:.1f} img/s  '
+        f'ETA {format_eta(record["eta_s"])}  {memory_line(record)}{scaling}')
+    return record
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f'{seconds // 86400}d {seconds % 86400 // 3600:02d}:{seconds % 3600 // 60:02d}:' \
+           f'{seconds % 60:02d}' if seconds >= 86400 else \
+        f'{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def memory_line(record):
+    """The log's memory figure: the device's peak allocations, or on CPU the process's peak
+    resident set (Runtime.peak_memory)."""
+    if 'memory_gb' in record:
+        return f'mem {record["memory_gb"]:.2f} GB'
+    return f'peak RSS {record["peak_rss_gb"]:.2f} GB' if 'peak_rss_gb' in record else ''
+
+
+def validate(run, iteration):
+    """Validation: the table in the log, the record, best.pth on a new best mIoU."""
+    args, model = run.args, run.model
+    show_dir = Path(args.work_dir) / 'demo_predictions' if args.demo and iteration == args.iters \
+        else None                                       # the demo's colour pictures, at its end
+    metrics = evaluate(model, run.val_set, run.runtime, show_dir=show_dir,
+                       workers=min(args.workers, 2), log=run.log, keep_pictures=run.shown)
+    run.log(format_table(metrics, model.classes))
+    record = dict({'iter': iteration}, **metrics_record(metrics, model.classes))
+    if metrics['skipped']:
+        run.log(f'note: validation left out {len(metrics["skipped"])} image(s) it could not '
+                f'read: {"; ".join(metrics["skipped"][:3])}')
+        record['skipped_images'] = len(metrics['skipped'])
+    scalars = {f'val/{key}': record[key] for key in ('mIoU', 'mAcc', 'aAcc')}
+    for key, tag in (('per_class', 'IoU'), ('per_class_acc', 'Acc')):
+        scalars.update((f'val/{tag}/{tag_name(name)}', value)
+                       for name, value in record[key].items()
+                       if value is not None)    # None: absent from labels and predictions
+    run.write(record, scalars, iteration, metrics['pictures'])
+    run.last_miou = metrics['mIoU']
+    if metrics['mIoU'] > run.best_miou:
+        run.best_miou = metrics['mIoU']
+        run.checkpoint(iteration, ['best.pth'])
+        run.log(f'best mIoU {run.best_miou:.2f} at iteration {iteration}: saved best.pth')
+
+
+def demo_result(miou, val_images, work_dir, data_path):
+    return (f'demo done: mIoU {miou:.2f} on {val_images} synthetic val images; pictures in '
+            f'{work_dir / "demo_predictions"}, checkpoints in {work_dir}; evaluate it with: '
+            f'python eval.py --ckpt {work_dir / "best.pth"} --data-path {data_path} (or '
+            f'--images FILES in place of --data-path)')
+
+
+class Run:
+    """What the sync point reads and writes: the run's parts, and on rank 0 its records besides
+    the log. metrics.jsonl and TensorBoard continue at start_iter + 1 (open_records drops what a
+    killed run wrote after its last checkpoint, so that no step is there twice); TensorBoard
+    gets the log's and validation's curves, and pictures of the same few validation images
+    each time, spread over rank 0's share of the split."""
+
+    def __init__(self, args, runtime, model, optimizer, scaler, val_set, validate, stop,
+                 best_miou, log):
+        self.args, self.runtime, self.model, self.optimizer = args, runtime, model, optimizer
+        self.scaler, self.loss_scaling = scaler, runtime.loss_scaling(args.loss_scale)
+        self.val_set, self.validate, self.stop, self.log = val_set, validate, stop, log
+        self.best_miou, self.last_miou = best_miou, None
+        self.metrics_file, self.board, self.shown = None, None, ()
+
+    def open_records(self, start_iter, opened):
+        if self.runtime.rank != 0:
+            return
+        work_dir = Path(self.args.work_dir)
+        keep_records_until(work_dir / 'metrics.jsonl', start_iter)
+        self.metrics_file = opened.enter_context(open(work_dir / 'metrics.jsonl', 'a'))
+        if self.args.tensorboard:
+            self.board = open_tensorboard(work_dir / 'tensorboard', start_iter)
+            opened.callback(self.board.close)
+            self.log(f'TensorBoard events in {work_dir / "tensorboard"}; to watch: tensorboard '
+                     f'--logdir {work_dir / "tensorboard"}')
+            if self.val_set is not None:
+                own = self.runtime.shard(len(self.val_set))
+                self.shown = {own[int(i)] for i in np.linspace(0, len(own) - 1, min(4, len(own)))}
+
+    def write(self, record, scalars, iteration, pictures=None):
+        """A record into metrics.jsonl, and its `scalars` (tag -> value) and `pictures`
+        (name -> PIL image) into TensorBoard."""
+        if self.metrics_file:
+            append_line(self.metrics_file, json.dumps(record))
+        if self.board:
+            for tag, value in scalars.items():
+                self.board.add_scalar(tag, value, iteration)
+            for name, picture in (pictures or {}).items():
+                self.board.add_image(f'val/pictures/{name}', np.asarray(picture), iteration,
+                                     dataformats='HWC')
+            self.board.flush()
+
+    def checkpoint(self, iteration, names):
+        """Rank 0 saves the run as it is after `iteration` under each of `names`."""
+        if self.runtime.rank != 0:
+            return
+        model = self.model
+        state = {'model': model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                 'scaler': self.scaler.state_dict(), 'iteration': iteration,
+                 'best_miou': self.best_miou, 'args': vars(self.args),
+                 'meta': {'dataset_meta': {                    # as mmsegmentation writes it
+                     'classes': list(model.classes),
+                     'palette': [list(colour) for colour in model.palette]}}}
+        self.stop.saving = True         # a second Ctrl-C now drops the file being written
+        try:
+            for name in names:
+                save_checkpoint(state, Path(self.args.work_dir) / name)
+        finally:
+            self.stop.saving = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------
 
 # What --demo changes, unless given on the command line: a CPU-sized schedule.
 # Run again, the demo continues where it stopped, or repeats its result (resume_from).
@@ -133,193 +609,59 @@ def parse_args(argv=None):
     return args
 
 
-def physical_memory():
-    """This machine's memory in bytes, or None where it cannot be read."""
-    try:
-        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def check_args(args):
     """Flag combinations that cannot work: one clear line before anything is touched."""
     for name in ('iters', 'batch_size', 'lr', 'val_interval', 'ckpt_interval', 'log_interval'):
         if not getattr(args, name) > 0:             # not > 0: NaN too
-            raise bisenet.SetupError(f'--{name.replace("_", "-")} must be positive, '
+            raise SetupError(f'--{name.replace("_", "-")} must be positive, '
                                      f'not {getattr(args, name)}')
     if not np.isfinite(args.lr) or not np.isfinite(args.loss_scale):
-        raise bisenet.SetupError(f'--lr and --loss-scale must be finite numbers, not {args.lr} '
+        raise SetupError(f'--lr and --loss-scale must be finite numbers, not {args.lr} '
                                  f'and {args.loss_scale}')
     if args.batch_size == 1:
-        raise bisenet.SetupError('--batch-size 1 cannot train BiSeNetV1: the BatchNorms of its '
+        raise SetupError('--batch-size 1 cannot train BiSeNetV1: the BatchNorms of its '
                                  'attention (ARM, FFM, global context) would see one value per '
                                  'channel; give 2 or more images per device')
-    args.crop_size = bisenet.parse_crop_size(args.crop_size)
+    args.crop_size = data.parse_crop_size(args.crop_size)
     batch_bytes = 4 * args.batch_size * args.crop_size[0] * args.crop_size[1]   # RGB + label
     memory = physical_memory()
     if memory and batch_bytes > memory / 2:
-        raise bisenet.SetupError(
+        raise SetupError(
             f'--crop-size {args.crop_size[0]} {args.crop_size[1]}: a batch of {args.batch_size} '
-            f'such crops is {bisenet.size_text(batch_bytes)} of pixels before the model sees '
-            f'it, over half of this machine\'s memory ({bisenet.size_text(memory)}); give a '
+            f'such crops is {size_text(batch_bytes)} of pixels before the model sees '
+            f'it, over half of this machine\'s memory ({size_text(memory)}); give a '
             f'smaller --crop-size')
     for name in ('warmup_iters', 'workers'):
         if getattr(args, name) < 0:
-            raise bisenet.SetupError(f'--{name.replace("_", "-")} cannot be negative, not '
+            raise SetupError(f'--{name.replace("_", "-")} cannot be negative, not '
                                      f'{getattr(args, name)}')
     if args.data_path is None and not args.demo:
-        raise bisenet.SetupError('--data-path is required (a Cityscapes root or a data set of '
+        raise SetupError('--data-path is required (a Cityscapes root or a data set of '
                                  'your own), or --demo')
     if args.resume_from and args.resume_from != 'auto' and not Path(args.resume_from).is_file():
         what = 'is a folder' if Path(args.resume_from).is_dir() else 'does not exist'
-        raise bisenet.SetupError(f'--resume-from {args.resume_from} {what}; give a checkpoint '
+        raise SetupError(f'--resume-from {args.resume_from} {what}; give a checkpoint '
                                  f'file or "auto"')
     if args.start_over and args.resume_from:
-        raise bisenet.SetupError('--start-over and --resume-from exclude each other: start over, '
+        raise SetupError('--start-over and --resume-from exclude each other: start over, '
                                  'or continue')
     if args.sync_debug and (args.perf or args.prof):
-        raise bisenet.SetupError('--sync-debug excludes --perf and --prof: their timer and '
+        raise SetupError('--sync-debug excludes --perf and --prof: their timer and '
                                  'profiler sync with the device')
     if args.resume_from and args.load_from:
-        raise bisenet.SetupError('--resume-from and --load-from exclude each other: resume '
+        raise SetupError('--resume-from and --load-from exclude each other: resume '
                                  'continues a run, load-from starts one from weights')
     if args.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
-            raise bisenet.SetupError('--tensorboard needs the tensorboard package: pip install '
+            raise SetupError('--tensorboard needs the tensorboard package: pip install '
                                      'tensorboard') from None
 
 
 # ----------------------------------------------------------------------------------------------
-# The maths: learning rate, loss, and the schedule of sync points
+# Checkpoints and records
 # ----------------------------------------------------------------------------------------------
-
-
-def get_lr(it, base_lr, iters, warmup_iters, warmup_ratio=0.1, min_lr=1e-4, power=0.9):
-    """Learning rate of iteration `it` (0-based), as mmengine's LinearLR + PolyLR give it."""
-    # 1) linear warmup from warmup_ratio x base_lr, reaching base_lr at it = warmup_iters - 1
-    if it < warmup_iters:
-        return base_lr * (warmup_ratio + (1 - warmup_ratio) * it / max(warmup_iters - 1, 1))
-    # 2) poly decay from base_lr to min_lr, reached at the last iteration
-    progress = (it - warmup_iters) / max(iters - warmup_iters - 1, 1)
-    return min_lr + (base_lr - min_lr) * (1 - min(progress, 1.0)) ** power
-
-
-def criterion(outputs, label):
-    """Per-head cross entropy of the logits upsampled (bilinear) to the label, averaged over
-    all pixels with ignored ones counting zero, as the reference (PyTorch's default mean would
-    divide by the non-ignored pixels only). Returns the three heads' losses."""
-    losses = []
-    for logits in outputs:
-        logits = F.interpolate(logits, size=label.shape[1:], mode='bilinear', align_corners=False)
-        loss = F.cross_entropy(logits.float(), label, ignore_index=bisenet.IGNORE_INDEX,
-                               reduction='sum')
-        losses.append(loss / label.numel())
-    return losses
-
-
-def padding_share(sizes, crop_size, ratio_range=(0.5, 2.0), steps=64):
-    """The share of a training crop that is padding (ignored), on average over images of these
-    (w, h) sizes and the rescale ratios TrainTransform draws: a crop larger than the rescaled
-    image is filled with ignored pixels."""
-    crop_h, crop_w = crop_size
-    ratios = ratio_range[0] + (np.arange(steps) + 0.5) / steps * (ratio_range[1] - ratio_range[0])
-    sizes = np.array(sizes, np.float64)[:, None, :]
-    scaled_w = np.floor(sizes[..., 0] * ratios + 0.5)
-    scaled_h = np.floor(sizes[..., 1] * ratios + 0.5)
-    covered = np.minimum(scaled_w, crop_w) * np.minimum(scaled_h, crop_h) / (crop_w * crop_h)
-    return float(1 - covered.mean())
-
-
-def divergence(nonfinite_steps, weights_finite, loss_scaling, scale):
-    """Why training cannot go on, or None, from what the iterations since the last check saw:
-    how many had a non-finite loss, whether the weights are still finite, the loss scaling
-    (Runtime.loss_scaling) and the fp16 loss scale now."""
-    if not weights_finite:
-        return 'the weights are no longer finite'
-    if loss_scaling == 'dynamic':
-        # An overflow skips its step and halves the scale: below 1, nearly every step overflows.
-        return f'the fp16 loss scale fell to {scale:g}: gradients overflow at every step' \
-            if scale < 1 else None
-    if nonfinite_steps:
-        return f'the loss was not finite in {nonfinite_steps} iteration(s)'
-    return None
-
-
-def due(iteration, args, validate):
-    """What iteration `iteration` (1-based: the number of steps done) does besides its step:
-    (log, validate, save). An iteration that does any of them is a sync point, the only place
-    where the host waits for the device; the last iteration does all three."""
-    last = iteration == args.iters
-    return (iteration % args.log_interval == 0 or last,
-            validate and (iteration % args.val_interval == 0 or last),
-            not args.perf and (iteration % args.ckpt_interval == 0 or last))
-
-
-def next_sync_point(iteration, args, validate):
-    """The first sync point (due()) at or after `iteration`, at most args.iters."""
-    intervals = [args.log_interval] + [args.val_interval] * validate \
-        + [args.ckpt_interval] * (not args.perf)
-    return min([args.iters] + [-(-iteration // n) * n for n in intervals])
-
-
-# ----------------------------------------------------------------------------------------------
-# Outputs: checkpoints and TensorBoard events
-# ----------------------------------------------------------------------------------------------
-
-
-def open_tensorboard(folder, start_iter):
-    """A SummaryWriter into `folder` whose curves continue at start_iter + 1: the events a
-    killed or earlier run wrote after start_iter are dropped first (each file is rewritten
-    without them), so that no step is there twice or goes backwards."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
-    from torch.utils.tensorboard import SummaryWriter
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in sorted(folder.glob('events.out.tfevents.*')):
-        kept = [event for event in EventFileLoader(str(path)).Load()
-                if not event.HasField('file_version') and event.step <= start_iter]
-        if kept:                              # written beside, then renamed over the original
-            staging = folder / 'rewrite'
-            shutil.rmtree(staging, ignore_errors=True)
-            writer = EventFileWriter(str(staging))
-            for event in kept:
-                writer.add_event(event)
-            writer.close()
-            os.replace(next(staging.glob('events.out.tfevents.*')), path)
-            staging.rmdir()
-        else:
-            path.unlink()
-    return SummaryWriter(str(folder))
-
-
-def read_records(path):
-    """The records of metrics.jsonl (none where there is no file), without a last line that
-    a kill cut short."""
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-            if isinstance(record, dict) and isinstance(record.get('iter'), int):
-                records.append(record)
-        except ValueError:
-            pass
-    return records
-
-
-def keep_records_until(path, iteration):
-    """Rewrite metrics.jsonl (atomically) without its records after `iteration`, and without
-    a last line that a kill cut short."""
-    if path.is_file():
-        bisenet.save_bytes(path, ''.join(json.dumps(record) + '\n' for record in
-                                         read_records(path) if record['iter'] <= iteration)
-                           .encode())
-
-
-def tag_name(name):
-    """A class name as TensorBoard takes it in a tag (it would rename it with a warning)."""
-    return re.sub(r'[^\w./-]', '_', name)
 
 
 def tensor_bytes(state):
@@ -390,7 +732,7 @@ def newest_resumable(work_dir, log):
             log(f'--resume-from auto: resuming from {path}')
             return path, ckpt
         except bisenet.CheckpointError as e:
-            log(f'--resume-from auto: skipped {path}: {bisenet.one_line(e)}')
+            log(f'--resume-from auto: skipped {path}: {one_line(e)}')
     if candidates:
         raise bisenet.CheckpointError(f'--resume-from auto: none of the {len(candidates)} '
                                       f'checkpoints in {work_dir} can be read (named above): '
@@ -399,8 +741,93 @@ def newest_resumable(work_dir, log):
     return None, None
 
 
+def read_records(path):
+    """The records of metrics.jsonl (none where there is no file), without a last line that
+    a kill cut short."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+            if isinstance(record, dict) and isinstance(record.get('iter'), int):
+                records.append(record)
+        except ValueError:
+            pass
+    return records
+
+
+def keep_records_until(path, iteration):
+    """Rewrite metrics.jsonl (atomically) without its records after `iteration`, and without
+    a last line that a kill cut short."""
+    if path.is_file():
+        save_bytes(path, ''.join(json.dumps(record) + '\n' for record in
+                                         read_records(path) if record['iter'] <= iteration)
+                           .encode())
+
+
+def open_log(work_dir, runtime, opened):
+    """(log, announce): log prints a line and appends it to WORK_DIR/train.log, on rank 0;
+    announce does the same from a signal handler, which may run inside a print (so with
+    unbuffered writes)."""
+    log_file = opened.enter_context(open(work_dir / 'train.log', 'a')) if runtime.rank == 0 \
+        else None
+
+    def log(message):
+        if runtime.rank == 0:
+            print(message, flush=True)
+            append_line(log_file, message)
+
+    def announce(message):
+        if runtime.rank == 0:
+            with contextlib.suppress(OSError):      # a full disk: the stop goes on regardless
+                for stream in (sys.stdout, log_file):
+                    stream.flush()
+                    os.write(stream.fileno(), (message + '\n').encode())
+    return log, announce
+
+
+def append_line(file, line):
+    """Append a line to an open record (train.log, metrics.jsonl), flushed; a write that fails
+    (a full disk) is OutputError naming the file and what to do."""
+    try:
+        file.write(line + '\n')
+        file.flush()
+    except OSError as e:
+        raise OutputError(write_failure(
+            file.name, e, then='continue with --resume-from auto')) from None
+
+
+def open_tensorboard(folder, start_iter):
+    """A SummaryWriter into `folder` whose curves continue at start_iter + 1: the events a
+    killed or earlier run wrote after start_iter are dropped first (each file is rewritten
+    without them), so that no step is there twice or goes backwards."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    from torch.utils.tensorboard import SummaryWriter
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(folder.glob('events.out.tfevents.*')):
+        kept = [event for event in EventFileLoader(str(path)).Load()
+                if not event.HasField('file_version') and event.step <= start_iter]
+        if kept:                              # written beside, then renamed over the original
+            staging = folder / 'rewrite'
+            shutil.rmtree(staging, ignore_errors=True)
+            writer = EventFileWriter(str(staging))
+            for event in kept:
+                writer.add_event(event)
+            writer.close()
+            os.replace(next(staging.glob('events.out.tfevents.*')), path)
+            staging.rmdir()
+        else:
+            path.unlink()
+    return SummaryWriter(str(folder))
+
+
+def tag_name(name):
+    """A class name as TensorBoard takes it in a tag (it would rename it with a warning)."""
+    return re.sub(r'[^\w./-]', '_', name)
+
+
 # ----------------------------------------------------------------------------------------------
-# Faults: a second run, a stop signal, a dead worker or peer
+# Faults: another run or an earlier one in the work dir, a stop signal, a dead worker or peer
 # ----------------------------------------------------------------------------------------------
 
 
@@ -420,10 +847,10 @@ def hold_work_dir(args, runtime):
         made = [path for path in (work_dir, work_dir / 'train.lock', work_dir / 'train.log',
                                   work_dir / 'metrics.jsonl') if not path.exists()]
         try:
-            bisenet.make_dir(work_dir, '--work-dir')
+            make_dir(work_dir, '--work-dir')
             lock = lock_work_dir(work_dir)
             note = earlier_run(args, work_dir)
-        except bisenet.SetupError as e:
+        except SetupError as e:
             verdict = str(e)
     if runtime.distributed:
         shared = [verdict]
@@ -432,7 +859,7 @@ def hold_work_dir(args, runtime):
     if verdict:
         if lock is not None:
             lock.close()
-        raise bisenet.SetupError(verdict)
+        raise SetupError(verdict)
     return lock, made, note
 
 
@@ -449,7 +876,7 @@ def lock_work_dir(work_dir):
         lock.seek(0)
         host, pid = (lock.read().split() + ['?', '?'])[:2]
         lock.close()
-        raise bisenet.SetupError(f'{work_dir} is in use by another training run (pid {pid} on '
+        raise SetupError(f'{work_dir} is in use by another training run (pid {pid} on '
                                  f'{host}): stop that run, or give this one another --work-dir')
     try:
         lock.seek(0)
@@ -459,9 +886,8 @@ def lock_work_dir(work_dir):
     except OSError as e:
         with contextlib.suppress(OSError):
             lock.close()
-        raise bisenet.OutputError(bisenet.write_failure(path, e)) from None
+        raise OutputError(write_failure(path, e)) from None
     return lock
-
 
 EARLIER_RUN = ('latest.pth', 'best.pth', 'metrics.jsonl', 'train.log', 'tensorboard', 'prof',
                'demo_predictions')
@@ -478,7 +904,7 @@ def earlier_run(args, work_dir):
     names = ', '.join(path.name for path in checkpoints[:3]) + (
         f' and {len(checkpoints) - 3} more' if len(checkpoints) > 3 else '')
     if not args.start_over:
-        raise bisenet.SetupError(f'{work_dir} holds an earlier run\'s checkpoints ({names}): '
+        raise SetupError(f'{work_dir} holds an earlier run\'s checkpoints ({names}): '
                                  f'continue it with --resume-from auto, start afresh in another '
                                  f'--work-dir, or add --start-over to move its files to '
                                  f'{work_dir}/earlier-N/ first')
@@ -515,11 +941,11 @@ def fault_line(error, args):
     resume = f'{checkpoints[0]}' if checkpoints else 'none yet'
     if isinstance(error, MemoryError) or any(text in message for text in (
             'out of memory', "can't allocate memory", 'not enough memory')):
-        return (f'out of memory ("{bisenet.one_line(error)[:120]}"): give a smaller --batch-size '
+        return (f'out of memory ("{one_line(error)[:120]}"): give a smaller --batch-size '
                 f'or --crop-size, and continue with --resume-from auto (last checkpoint: '
                 f'{resume})')
     if 'DataLoader worker' in message:
-        return (f'a data-loading worker died ("{bisenet.one_line(error)}"), most likely '
+        return (f'a data-loading worker died ("{one_line(error)}"), most likely '
                 f'killed for memory by the out-of-memory killer: run with fewer --workers, or '
                 f'with --cache-dir (decoded images shared through the page cache), and continue '
                 f'with --resume-from auto (last checkpoint: {resume})')
@@ -530,7 +956,6 @@ def fault_line(error, args):
                 f'under torchrun --max-restarts the job restarts and --resume-from auto '
                 f'continues from the last checkpoint ({resume})')
     return None
-
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -595,459 +1020,18 @@ class StopRequest:
         return self.at is not None and self.at <= iteration
 
 
-# ----------------------------------------------------------------------------------------------
-# The stages of train(), in its order; then train() and main()
-# ----------------------------------------------------------------------------------------------
-
-
-def open_log(work_dir, runtime, opened):
-    """(log, announce): log prints a line and appends it to WORK_DIR/train.log, on rank 0;
-    announce does the same from a signal handler, which may run inside a print (so with
-    unbuffered writes)."""
-    log_file = opened.enter_context(open(work_dir / 'train.log', 'a')) if runtime.rank == 0 \
-        else None
-
-    def log(message):
-        if runtime.rank == 0:
-            print(message, flush=True)
-            append_line(log_file, message)
-
-    def announce(message):
-        if runtime.rank == 0:
-            with contextlib.suppress(OSError):      # a full disk: the stop goes on regardless
-                for stream in (sys.stdout, log_file):
-                    stream.flush()
-                    os.write(stream.fileno(), (message + '\n').encode())
-    return log, announce
-
-
-def append_line(file, line):
-    """Append a line to an open record (train.log, metrics.jsonl), flushed; a write that fails
-    (a full disk) is OutputError naming the file and what to do."""
-    try:
-        file.write(line + '\n')
-        file.flush()
-    except OSError as e:
-        raise bisenet.OutputError(bisenet.write_failure(
-            file.name, e, then='continue with --resume-from auto')) from None
-
-
-def make_data_sets(args, runtime, validate, log):
-    """The training set and the validation set (None without validation), after a quick look
-    at their labels (every one of a small set, the same on every rank): a wrong label value
-    costs one line now, not a crash hours into the run. --demo without --data-path writes its
-    synthetic set first."""
-    if args.demo and args.data_path is None:
-        args.data_path = str(Path(args.work_dir) / 'demo_data')
-        if runtime.rank == 0 and not (Path(args.data_path) / 'gtFine').is_dir():
-            bisenet.make_synthetic_cityscapes(args.data_path, seed=args.seed)
-        if runtime.distributed:
-            torch.distributed.barrier()
-    # The photometric distortion and normalisation run batched on the device, in the loop.
-    train_set = bisenet.SegmentationDataset(
-        args.data_path, 'train', bisenet.TrainTransform(args.crop_size, on_device=True),
-        cache_dir=args.cache_dir)
-    val_set = (bisenet.SegmentationDataset(args.data_path, 'val',
-                                           bisenet.EvalTransform(on_device=True),
-                                           cache_dir=args.cache_dir) if validate else None)
-    for dataset in (train_set, val_set):
-        if dataset is None:
-            continue
-        found = bisenet.survey(dataset.layout, dataset.split, dataset.samples, limit=200,
-                               processes=args.workers)
-        if found['problems']:
-            raise bisenet.DatasetError(found['problems'][0]
-                                       + bisenet.more(found['problems'], args.data_path))
-        if dataset is train_set:
-            for warning in found['warnings']:
-                log(f'warning: {warning}')
-            smaller = np.mean([w < args.crop_size[1] or h < args.crop_size[0]
-                               for w, h in found['sizes']])
-            if smaller > 0.5:
-                log(f'note: the crop {args.crop_size[0]}x{args.crop_size[1]} is larger than '
-                    f'{100 * smaller:.0f}% of the training images: on average '
-                    f'{100 * padding_share(found["sizes"], args.crop_size):.0f}% of each crop '
-                    f'will be padding (ignored pixels); a smaller --crop-size wastes less')
-        if dataset.cache_note:
-            log(dataset.cache_note)
-    return train_set, val_set
-
-
-def make_model(args, runtime, train_set, log):
-    """The model for the data set's classes (the same initial weights on every process, then
-    --pretrained or --load-from), on the device, with its SGD and fp16 loss scaler."""
-    torch.manual_seed(args.seed)
-    model = bisenet.BiSeNetV1(len(train_set.classes), args.backbone, train_set.classes,
-                              train_set.palette)
-    if args.pretrained:
-        bisenet.load_imagenet_backbone(model, args.pretrained)
-    if args.load_from:           # of another class count: all but the classifiers
-        bisenet.load_checkpoint(model, args.load_from, args.trust_pickle, new_classes=True,
-                                log=lambda line: log(f'--load-from {line}'))
-    # SyncBN where the reference has it: the ResNet and the heads; the BiSeNet layers keep BN.
-    model.decode_head = runtime.sync_batchnorm(model.decode_head)
-    model.auxiliary_head = runtime.sync_batchnorm(model.auxiliary_head)
-    model.backbone.context_path.backbone = runtime.sync_batchnorm(
-        model.backbone.context_path.backbone)
-    model = model.to(runtime.device, memory_format=runtime.train_format)
-    optimizer = runtime.sgd(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    return model, optimizer, runtime.grad_scaler(args.loss_scale)
-
-
-def resume(args, runtime, model, optimizer, scaler, log):
-    """(iteration, best mIoU) to continue from: --resume-from's checkpoint (with 'auto' the
-    newest of the work dir that loads), loaded into the model, optimizer and scaler, or said
-    to be the end of the run already; (0, -1.0) for a new run."""
-    path, ckpt = args.resume_from, None
-    if path == 'auto':
-        path, ckpt = newest_resumable(Path(args.work_dir), log)
-    elif path:
-        ckpt = read_resumable(path)
-    if ckpt is None:
-        return 0, -1.0
-    bisenet.load_state_dict(model, ckpt['model'], source=str(path))
-    kernels = [{k: g[k] for k in ('foreach', 'fused') if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt['optimizer'])
-    for group, own in zip(optimizer.param_groups, kernels):
-        group.update(own)               # this device's SGD kernel, not the one that saved it
-    fresh_scaler = runtime.load_grad_scaler(scaler, ckpt.get('scaler'), args.loss_scale)
-    if fresh_scaler:
-        log(fresh_scaler)
-    if ckpt['iteration'] < args.iters:
-        log(f'resumed from {path} at iteration {ckpt["iteration"]}')
-    else:
-        log(f'{path} is at iteration {ckpt["iteration"]}: the run is complete (--iters '
-            f'{args.iters}), nothing to train; give a larger --iters to train on')
-    saved, changed = ckpt.get('args') or {}, []
-    for name in ('batch_size', 'crop_size'):
-        ours = ' '.join(map(str, np.atleast_1d(getattr(args, name))))
-        theirs = ' '.join(map(str, np.atleast_1d(saved.get(name, getattr(args, name)))))
-        if ours != theirs:
-            changed.append(f'--{name.replace("_", "-")} {ours} (it trained with {theirs})')
-    if changed:
-        log(f'note: {path} continues with {" and ".join(changed)}: the schedule goes on, the '
-            f'images per iteration change')
-    # A checkpoint is written before its iteration's validation: that validation's mIoU is in
-    # the records, not in the checkpoint.
-    validated = [record['mIoU'] for record in read_records(Path(args.work_dir) / 'metrics.jsonl')
-                 if 'mIoU' in record and record['iter'] <= ckpt['iteration']]
-    return ckpt['iteration'], max([ckpt.get('best_miou', -1.0)] + validated)
-
-
-def make_loader(args, runtime, train_set, start_iter):
-    """This rank's endless stream of training batches, from sample start_iter x batch on."""
-    sampler = bisenet.InfiniteSampler(len(train_set), args.seed, runtime.rank,
-                                      runtime.world_size, start=start_iter * args.batch_size)
-    return torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        drop_last=True, persistent_workers=args.workers > 0,   # drop_last: static shapes (NPU)
-        **runtime.loader_options())
-
-
-def log_setup(args, runtime, images, num_classes, log):
-    global_batch = args.batch_size * runtime.world_size
-    log(f'BiSeNetV1 {args.backbone} on {runtime.device} x {runtime.world_size} process(es) '
-        f'({runtime.backend}), {runtime.precision}; global batch {global_batch} '
-        f'({args.batch_size} per device), crop {args.crop_size[0]}x{args.crop_size[1]}, '
-        f'{args.iters} iterations, SGD lr {args.lr} (warmup {args.warmup_iters}, poly 0.9 to '
-        f'1e-4), {images} training images from {args.data_path}, {num_classes} classes')
-    if global_batch != 16 and not args.demo:
-        log('note: the reference recipe uses a global batch of 16 with lr 0.025')
-    for note in runtime.training_notes(args.loss_scale):
-        log(note)
-    if args.sync_debug and runtime.type != 'cuda':
-        log('note: --sync-debug checks CUDA devices only')
-
-
-class Window:
-    """The iterations since the last log, on the device: each head's loss added up (a
-    non-finite loss is counted instead), the steps the dynamic fp16 loss scale skipped, and
-    the seconds spent waiting for data."""
-
-    def __init__(self, first, device):
-        self.first, self.start, self.data_time, self.count = first, time.time(), 0.0, 0
-        self.losses = torch.zeros(3, device=device)
-        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
-
-    def add(self, losses, scale_before=None, scale_after=None):
-        losses = losses.detach()
-        finite = losses.isfinite().all()
-        self.losses += torch.where(finite, losses, torch.zeros_like(losses))
-        self.nonfinite += ~finite
-        if scale_before is not None:            # an overflow skips the step and lowers the scale
-            self.skipped += scale_after < scale_before
-        self.count += 1
-
-
-class Run:
-    """What the sync point reads and writes: the run's parts, and on rank 0 its records besides
-    the log. metrics.jsonl and TensorBoard continue at start_iter + 1 (open_records drops what a
-    killed run wrote after its last checkpoint, so that no step is there twice); TensorBoard
-    gets the log's and validation's curves, and pictures of the same few validation images
-    each time, spread over rank 0's share of the split."""
-
-    def __init__(self, args, runtime, model, optimizer, scaler, val_set, validate, stop,
-                 best_miou, log):
-        self.args, self.runtime, self.model, self.optimizer = args, runtime, model, optimizer
-        self.scaler, self.loss_scaling = scaler, runtime.loss_scaling(args.loss_scale)
-        self.val_set, self.validate, self.stop, self.log = val_set, validate, stop, log
-        self.best_miou, self.last_miou = best_miou, None
-        self.metrics_file, self.board, self.shown = None, None, ()
-
-    def open_records(self, start_iter, opened):
-        if self.runtime.rank != 0:
-            return
-        work_dir = Path(self.args.work_dir)
-        keep_records_until(work_dir / 'metrics.jsonl', start_iter)
-        self.metrics_file = opened.enter_context(open(work_dir / 'metrics.jsonl', 'a'))
-        if self.args.tensorboard:
-            self.board = open_tensorboard(work_dir / 'tensorboard', start_iter)
-            opened.callback(self.board.close)
-            self.log(f'TensorBoard events in {work_dir / "tensorboard"}; to watch: tensorboard '
-                     f'--logdir {work_dir / "tensorboard"}')
-            if self.val_set is not None:
-                own = self.runtime.shard(len(self.val_set))
-                self.shown = {own[int(i)] for i in np.linspace(0, len(own) - 1, min(4, len(own)))}
-
-    def write(self, record, scalars, iteration, pictures=None):
-        """A record into metrics.jsonl, and its `scalars` (tag -> value) and `pictures`
-        (name -> PIL image) into TensorBoard."""
-        if self.metrics_file:
-            append_line(self.metrics_file, json.dumps(record))
-        if self.board:
-            for tag, value in scalars.items():
-                self.board.add_scalar(tag, value, iteration)
-            for name, picture in (pictures or {}).items():
-                self.board.add_image(f'val/pictures/{name}', np.asarray(picture), iteration,
-                                     dataformats='HWC')
-            self.board.flush()
-
-    def checkpoint(self, iteration, names):
-        """Rank 0 saves the run as it is after `iteration` under each of `names`."""
-        if self.runtime.rank != 0:
-            return
-        model = self.model
-        state = {'model': model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                 'scaler': self.scaler.state_dict(), 'iteration': iteration,
-                 'best_miou': self.best_miou, 'args': vars(self.args),
-                 'meta': {'dataset_meta': {                    # as mmsegmentation writes it
-                     'classes': list(model.classes),
-                     'palette': [list(colour) for colour in model.palette]}}}
-        self.stop.saving = True         # a second Ctrl-C now drops the file being written
-        try:
-            for name in names:
-                save_checkpoint(state, Path(self.args.work_dir) / name)
-        finally:
-            self.stop.saving = False
-
-
-def format_eta(seconds):
-    seconds = int(seconds)
-    return f'{seconds // 86400}d {seconds % 86400 // 3600:02d}:{seconds % 3600 // 60:02d}:' \
-           f'{seconds % 60:02d}' if seconds >= 86400 else \
-        f'{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
-
-
-def memory_line(record):
-    """The log's memory figure: the device's peak allocations, or on CPU the process's peak
-    resident set (Runtime.peak_memory)."""
-    if 'memory_gb' in record:
-        return f'mem {record["memory_gb"]:.2f} GB'
-    return f'peak RSS {record["peak_rss_gb"]:.2f} GB' if 'peak_rss_gb' in record else ''
-
-
-def log_window(window, iteration, lr, scale, args, runtime, log):
-    """Log the iterations of a window in one line; returns its record (metrics.jsonl and
-    TensorBoard's train/ curves)."""
-    step_time = (time.time() - window.start) / window.count
-    skipped = int(window.skipped)
-    head_losses = (window.losses / max(window.count - int(window.nonfinite), 1)).tolist()
-    global_batch = args.batch_size * runtime.world_size
-    record = {'iter': iteration, 'lr': lr, 'loss': sum(head_losses),
-              'loss_decode': head_losses[0], 'loss_aux8': head_losses[1],
-              'loss_aux16': head_losses[2], 'data_time': window.data_time / window.count,
-              'step_time': step_time, 'images_per_s': global_batch / step_time,
-              'eta_s': step_time * (args.iters - iteration), **dict([runtime.peak_memory()])}
-    scaling = ''
-    if scale is not None:
-        record.update(loss_scale=scale, skipped_steps=skipped)
-        scaling = f'  scale {scale:g}' + (f' ({skipped} skipped)' if skipped else '')
-    log(f'iter {iteration}/{args.iters}  lr {lr:.3e}  loss {record["loss"]:.4f} (decode '
-        f'{head_losses[0]:.4f} aux8 {head_losses[1]:.4f} aux16 {head_losses[2]:.4f})  data '
-        f'{record["data_time"]:.3f}s  step {step_time:.3f}s  {record["images_per_s"]:.1f} img/s  '
-        f'ETA {format_eta(record["eta_s"])}  {memory_line(record)}{scaling}')
-    return record
-
-
-def validate(run, iteration):
-    """Validation: the table in the log, the record, best.pth on a new best mIoU."""
-    args, model = run.args, run.model
-    show_dir = Path(args.work_dir) / 'demo_predictions' if args.demo and iteration == args.iters \
-        else None                                       # the demo's colour pictures, at its end
-    metrics = evaluate(model, run.val_set, run.runtime, show_dir=show_dir,
-                       workers=min(args.workers, 2), log=run.log, keep_pictures=run.shown)
-    run.log(format_table(metrics, model.classes))
-    record = dict({'iter': iteration}, **metrics_record(metrics, model.classes))
-    if metrics['skipped']:
-        run.log(f'note: validation left out {len(metrics["skipped"])} image(s) it could not '
-                f'read: {"; ".join(metrics["skipped"][:3])}')
-        record['skipped_images'] = len(metrics['skipped'])
-    scalars = {f'val/{key}': record[key] for key in ('mIoU', 'mAcc', 'aAcc')}
-    for key, tag in (('per_class', 'IoU'), ('per_class_acc', 'Acc')):
-        scalars.update((f'val/{tag}/{tag_name(name)}', value)
-                       for name, value in record[key].items()
-                       if value is not None)    # None: absent from labels and predictions
-    run.write(record, scalars, iteration, metrics['pictures'])
-    run.last_miou = metrics['mIoU']
-    if metrics['mIoU'] > run.best_miou:
-        run.best_miou = metrics['mIoU']
-        run.checkpoint(iteration, ['best.pth'])
-        run.log(f'best mIoU {run.best_miou:.2f} at iteration {iteration}: saved best.pth')
-
-
-def sync_point(run, iteration, lr, window):
-    """What an iteration due() for does besides its step, in this order: the health check
-    (so that no checkpoint ever holds a diverged run), the log, the checkpoints (before
-    anything else can fail), validation (and best.pth), the stop signal. Returns the next
-    window, or None where the run stops."""
-    args, runtime, model = run.args, run.runtime, run.model
-    log_due, val_due, save_due = due(iteration, args, run.validate)
-    runtime.forbid_syncs(False)
-    weights_finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
-    signalled = torch.tensor(int(run.stop.due(iteration)), device=runtime.device)
-    status = torch.stack([window.nonfinite, (~weights_finite).long(), signalled])
-    nonfinite, broken_weights, stopping = runtime.all_reduce(status).tolist()
-    scale = run.scaler.get_scale() if run.loss_scaling == 'dynamic' else None
-    why = divergence(nonfinite, not broken_weights, run.loss_scaling, scale)
-    if why:
-        hint = ' or --loss-scale' if run.loss_scaling == 'static' else ''
-        raise bisenet.SetupError(f'training diverged between iterations {window.first} and '
-                                 f'{iteration}: {why}; lower --lr{hint} and resume from the '
-                                 f'last checkpoint')
-    if log_due:
-        record = log_window(window, iteration, lr, scale, args, runtime, run.log)
-        run.write(record, {f'train/{key}': value for key, value in record.items()
-                           if key not in ('iter', 'eta_s')}, iteration)
-        window = Window(iteration + 1, runtime.device)
-    if save_due:
-        run.checkpoint(iteration, [f'iter_{iteration}.pth', 'latest.pth'])
-    if val_due:
-        validate(run, iteration)
-    if stopping and iteration < args.iters:
-        run.checkpoint(iteration, ['latest.pth'])
-        run.log(f'stopped by {run.stop.signal or "signal"} at iteration {iteration}: saved '
-                f'latest.pth; continue with --resume-from auto')
-        return None
-    runtime.forbid_syncs(args.sync_debug)
-    return window
-
-
-def demo_result(miou, val_images, work_dir, data_path):
-    return (f'demo done: mIoU {miou:.2f} on {val_images} synthetic val images; pictures in '
-            f'{work_dir / "demo_predictions"}, checkpoints in {work_dir}; evaluate it with: '
-            f'python eval.py --ckpt {work_dir / "best.pth"} --data-path {data_path} (or '
-            f'--images FILES in place of --data-path)')
-
-
-def train(args, runtime, opened, note=None):
-    """The recipe, top-down: data, model and resume, then the loop. What it opens (files, the
-    signal handlers) goes on `opened`, which main() closes however the run ends. `note`: a
-    line hold_work_dir has for the log."""
-    work_dir = Path(args.work_dir)                # made and locked by hold_work_dir
-    log, announce = open_log(work_dir, runtime, opened)
-    if note:
-        log(note)
-    validate = not (args.no_validate or args.perf or args.prof)
-    train_set, val_set = make_data_sets(args, runtime, validate, log)
-    model, optimizer, scaler = make_model(args, runtime, train_set, log)
-    start_iter, best_miou = resume(args, runtime, model, optimizer, scaler, log)
-    if start_iter >= args.iters:                  # a finished run: resume() said so
-        if args.demo and validate:
-            log(demo_result(best_miou, len(val_set), work_dir, args.data_path))
-        return
-    ddp_model = runtime.data_parallel(model)
-    loader = make_loader(args, runtime, train_set, start_iter)
-    # From here on SIGTERM and SIGINT stop the run at a sync point (the data workers, forked at
-    # the first batch, inherit the handler and leave the decision to this process).
-    stop = opened.enter_context(StopRequest(start_iter, args, validate, announce))
-    log_setup(args, runtime, len(train_set), model.num_classes, log)
-    run = Run(args, runtime, model, optimizer, scaler, val_set, validate, stop, best_miou, log)
-    run.open_records(start_iter, opened)
-    profiler = runtime.profiler(work_dir / 'prof') if args.prof else None
-    if profiler is not None:
-        profiler.start()
-    perf_warmup, perf_start = min(10, max(args.iters - start_iter - 1, 0) // 5), None
-
-    # Nothing here makes an iteration wait for the device, so the host can queue the next one:
-    # the losses add up on the device (Window), and the host reads them, checks the run's
-    # health and looks for a stop signal only at a sync point (due(): the same iterations on
-    # every rank). Where torch or torch_npu wait inside a step, log_setup said so.
-    model.train()
-    iteration, batches = start_iter, iter(loader)
-    window = Window(iteration + 1, runtime.device)
-    while iteration < args.iters:
-        data_start = time.time()
-        images, labels, params = next(batches)
-        window.data_time += time.time() - data_start
-        images = images.to(runtime.device, non_blocking=True)
-        labels = labels.to(runtime.device, non_blocking=True).long()
-        images = bisenet.distort_and_normalize(images, params)
-        images = images.contiguous(memory_format=runtime.train_format)
-
-        lr = get_lr(iteration, args.lr, args.iters, args.warmup_iters)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        # Dropout's randomness is a function of (seed, iteration, rank): exact resume for free.
-        torch.manual_seed(int(np.random.SeedSequence([args.seed, iteration, runtime.rank])
-                              .generate_state(1)[0]))
-        with runtime.autocast():
-            outputs = ddp_model(images)
-        losses = torch.stack(criterion(outputs, labels))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses.sum()).backward()
-        scale = runtime.scale_of(scaler)      # a step after which the scale is lower was skipped
-        scaler.step(optimizer)
-        scaler.update()
-        window.add(losses, scale, runtime.scale_of(scaler))
-        iteration += 1
-        stop.done = iteration
-
-        if profiler is not None:
-            profiler.step()
-            if iteration - start_iter >= 7:     # the schedule skips one step and warms up one
-                profiler.stop()
-                log(f'profile of iterations {start_iter + 3}-{iteration} written to '
-                    f'{work_dir / "prof"}')
-                return
-        if iteration - start_iter == perf_warmup:
-            runtime.synchronize()
-            perf_start = time.time()
-        if any(due(iteration, args, validate)):
-            window = sync_point(run, iteration, lr, window)
-            if window is None:                  # stopped by a signal, latest.pth saved
-                return
-
-    if args.perf and perf_start is not None:
-        runtime.synchronize()
-        images = (iteration - start_iter - perf_warmup) * args.batch_size * runtime.world_size
-        log(f'FPS: {images / (time.time() - perf_start):.2f}')
-    if args.demo and validate:
-        log(demo_result(run.last_miou, len(val_set), work_dir, args.data_path))
-
-
 def main(argv=None):
     args = parse_args(argv)
     runtime, lock, made, failed = None, None, [], True
     opened = contextlib.ExitStack()          # what train() opens: closed here, however it ends
     try:
         check_args(args)
-        runtime = bisenet.Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
+        runtime = Runtime(args.device, args.amp, args.amp_dtype, args.device_list)
         lock, made, note = hold_work_dir(args, runtime)
         train(args, runtime, opened, note)
         failed = False
-    except (bisenet.SetupError, bisenet.DatasetError, bisenet.CheckpointError) as e:
-        bisenet.fail(f'error: {bisenet.one_line(e)}')
+    except (SetupError, data.DatasetError, bisenet.CheckpointError) as e:
+        fail(f'error: {one_line(e)}')
     except KeyboardInterrupt:
         print(interrupted(args), file=sys.stderr, flush=True)
         sys.exit(130)                               # the shell's status for SIGINT
@@ -1055,7 +1039,7 @@ def main(argv=None):
         line = fault_line(e, args) if runtime is not None else None
         if line is None:
             raise
-        bisenet.fail(f'error: {line}')
+        fail(f'error: {line}')
     finally:
         # Files flush at each line: a full disk failing them again here was reported already.
         with contextlib.suppress(OSError):
