@@ -11,18 +11,22 @@ synthetic set. `python tools/check_data.py ROOT` looks at every image and label 
 """
 import collections
 import concurrent.futures
+import contextlib
+import errno
 import functools
+import io
 import json
 import multiprocessing
 import os
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from runtime import SetupError, make_dir, size_text  # first: it checks NumPy against torch
+from runtime import SetupError  # first: it checks that this torch can run next to this NumPy
 import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
@@ -50,6 +54,91 @@ def more(problems, root):
         return ''
     return (f' (and {len(problems) - 1} more problems: python bisenet.py --check-data {root} '
             f'lists them all)')
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders and files: made before any work, written whole or not at all
+# ----------------------------------------------------------------------------------------------
+
+
+class OutputError(SetupError):
+    """A file that cannot be written (a full disk, a read-only folder)."""
+
+
+def size_text(size):
+    return f'{size / 1e9:.1f} GB' if size >= 1e9 else f'{size / 1e6:.2f} MB'
+
+
+def make_dir(path, flag):
+    """The output folder `path` of `flag`, made and tried with a file before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SetupError(f'{flag} {path} is a file, not a folder: give a folder')
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise SetupError(f'{flag} {path}: cannot write in this folder ({e.strerror}); give a '
+                         f'writable folder') from None
+    return path
+
+
+def output_file(path, flag):
+    """The output file `path` of `flag`, checked before any work: no folder, a writable place."""
+    path = Path(path)
+    if path.is_dir():
+        raise SetupError(f'{flag} {path} is a folder: give a file name')
+    make_dir(path.parent, flag)
+    return path
+
+
+@contextlib.contextmanager
+def written(path, needed=0):
+    """A temporary name beside `path` to write to, renamed into place at the end: a kill or a
+    full disk leaves the earlier file intact and nothing behind (OutputError says why)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if needed > shutil.disk_usage(path.parent).free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise OutputError(write_failure(path, e, needed)) from None
+        raise
+
+
+def write_failure(path, error, needed=0, then='run again'):
+    """The line for a file that could not be written: why, its size, the space free."""
+    try:
+        free = f'{size_text(shutil.disk_usage(Path(path).parent).free)} free there'
+    except OSError:
+        free = 'its folder cannot be read'
+    need = f'it needs {size_text(needed)}, ' if needed else ''
+    return (f'cannot write {path} ({getattr(error, "strerror", None) or error}): {need}{free}; '
+            f'free some space or give a writable place, and {then}')
+
+
+def save_bytes(path, data):
+    """Write `data` to `path` whole, or not at all (written)."""
+    with written(path, len(data)) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def image_bytes(image, format='PNG'):
+    """A PIL image encoded in memory, for save_bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def all_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Evaluate a BiSeNetV1 checkpoint with the reference's metric (Cityscapes or a data set of your
 own), segment your own images with it, or time it. Works with this project's checkpoints and
-mmsegmentation's published ones: the backbone, the class count and the class names and colours
-come from the checkpoint. train.py validates with evaluate() below.
+mmsegmentation's: the backbone, the class count and the class names and colours come from the
+checkpoint. train.py validates with evaluate().
 
     python eval.py --ckpt output/best.pth --data-path data/cityscapes            # val, whole image
     python eval.py --ckpt CKPT --data-path ROOT --aug-test                       # ms + flip
@@ -10,24 +10,23 @@ come from the checkpoint. train.py validates with evaluate() below.
     python eval.py --ckpt CKPT --images photos/ street.jpg 'more/*.png'          # your images
     python eval.py --benchmark [--device cuda --amp] [--compile] [--batch-size 8]   # FPS
 
---out-dir writes one PNG per image: for Cityscapes its labelIds (CITY/NAME_leftImg8bit.png),
-what cityscapesscripts and the benchmark server read; for other classes a palette PNG of train
-ids. --show-dir writes pictures: image, prediction and ground truth side by side (own images:
-the prediction over the image), with a legend. Videos, ONNX and int8 are tools: tools/README.md.
+--out-dir writes a PNG per image: for Cityscapes its labelIds (CITY/NAME_leftImg8bit.png, what
+cityscapesscripts reads), for other classes a palette PNG of train ids. --show-dir writes the
+image, prediction and ground truth side by side. Videos, ONNX and int8 are in tools/.
 """
 import argparse
 import copy
 import glob
-import io
 import json
 import os
 import shutil
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
-from runtime import Runtime, SetupError, fail, init_worker, make_dir, one_line, output_file, save_bytes  # first: it checks that this torch can run next to this NumPy before torch loads
+from runtime import Runtime, SetupError, fail, init_worker, one_line  # first: NumPy vs torch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -35,11 +34,12 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 import bisenet  # noqa: E402
 import data  # noqa: E402
+from data import image_bytes, make_dir, output_file, save_bytes  # noqa: E402
 
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)     # the reference's multi-scale test
 SLIDE_WINDOW, SLIDE_STRIDE = (1024, 1024), (768, 768)
+TEST_SCALE = (2048, 1024)            # the reference's test Resize: fit, keeping the aspect ratio
 DEFAULT_DATA_PATH = 'data/cityscapes'
-
 
 # ----------------------------------------------------------------------------------------------
 # The metric: per-class areas over the whole data set, as the reference accumulates them
@@ -47,27 +47,22 @@ DEFAULT_DATA_PATH = 'data/cityscapes'
 
 
 def confusion(pred, label, num_classes, ignore_index=data.IGNORE_INDEX):
-    """(num_classes, num_classes) counts of (label, pred) pairs; ignored pixels dropped.
-    Static shapes, and counts added into a tensor of a fixed size (bincount would read the
-    largest index on the host): the host never waits for the device here."""
-    valid = label != ignore_index
-    index = torch.where(valid, label * num_classes + pred, torch.full_like(label, num_classes ** 2))
-    index = index.flatten().long()
+    """(num_classes, num_classes) counts of (label, pred) pairs, ignored pixels dropped, added
+    into a fixed-size tensor (bincount reads its largest index on the host: a wait)."""
+    index = torch.where(label != ignore_index, label * num_classes + pred,
+                        torch.full_like(label, num_classes ** 2)).flatten().long()
     counts = torch.zeros(num_classes ** 2 + 1, dtype=torch.int64, device=index.device)
     counts.index_add_(0, index, torch.ones_like(index))
     return counts[:num_classes ** 2].view(num_classes, num_classes)
 
 
 def summarize(confusion_matrix):
-    """mIoU, mAcc, aAcc (percent) and per-class IoU and Acc from summed counts: IoU_c =
-    intersection / union over the data set; classes absent from labels and predictions are
-    skipped in the means (NaN), as the reference does."""
+    """mIoU, mAcc, aAcc, per-class IoU and Acc (%); a class absent from both is NaN, skipped."""
     cm = confusion_matrix.double()
     intersection, label_area, pred_area = cm.diag(), cm.sum(1), cm.sum(0)
-    union = label_area + pred_area - intersection
-    iou = torch.where(union > 0, intersection / union.clamp(min=1), torch.tensor(float('nan')))
-    acc = torch.where(label_area > 0, intersection / label_area.clamp(min=1),
-                      torch.tensor(float('nan')))
+    union, nan = label_area + pred_area - intersection, torch.tensor(float('nan'))
+    iou = torch.where(union > 0, intersection / union.clamp(min=1), nan)
+    acc = torch.where(label_area > 0, intersection / label_area.clamp(min=1), nan)
     return {'mIoU': 100 * iou.nanmean().item(), 'mAcc': 100 * acc.nanmean().item(),
             'aAcc': 100 * (intersection.sum() / label_area.sum().clamp(min=1)).item(),
             'IoU': (100 * iou).tolist(), 'Acc': (100 * acc).tolist(),
@@ -75,9 +70,7 @@ def summarize(confusion_matrix):
 
 
 def metrics_record(metrics, class_names):
-    """The metrics as plain JSON data, each class's IoU and Acc under its name (null for a
-    class absent from labels and predictions): what eval.py --json and train.py's
-    metrics.jsonl write."""
+    """The metrics as JSON data for --json and metrics.jsonl, per class by name (null: absent)."""
     def named(values):
         return {name: None if np.isnan(v) else v for name, v in zip(class_names, values)}
     return {'mIoU': metrics['mIoU'], 'mAcc': metrics['mAcc'], 'aAcc': metrics['aAcc'],
@@ -100,7 +93,7 @@ def format_table(metrics, class_names):
 
 
 def slide_logits(model, image, num_classes):
-    """Average the logits of overlapping 1024 x 1024 windows (stride 768), as the reference."""
+    """The mean logits of overlapping 1024 x 1024 windows (stride 768), as the reference."""
     _, _, h, w = image.shape
     (window_h, window_w), (stride_h, stride_w) = SLIDE_WINDOW, SLIDE_STRIDE
     logits = image.new_zeros((1, num_classes, h, w), dtype=torch.float32)
@@ -115,8 +108,7 @@ def slide_logits(model, image, num_classes):
 
 
 def predict(model, image, num_classes, mode='whole', aug_test=False):
-    """Scores (1, C, H, W) of a normalised image (1, 3, H, W): logits, or with aug_test the
-    mean softmax over the six scales, each also flipped."""
+    """Scores (1, C, H, W): logits, or with aug_test the mean softmax over scales and flips."""
     def infer(x):
         return slide_logits(model, x, num_classes) if mode == 'slide' else model(x).float()
     if not aug_test:
@@ -127,8 +119,7 @@ def predict(model, image, num_classes, mode='whole', aug_test=False):
         scaled = F.interpolate(image, size=(int(h * ratio + 0.5), int(w * ratio + 0.5)),
                                mode='bilinear', align_corners=False)
         for flip in (False, True):
-            x = scaled.flip(3) if flip else scaled
-            logits = infer(x)
+            logits = infer(scaled.flip(3) if flip else scaled)
             logits = logits.flip(3) if flip else logits
             logits = F.interpolate(logits, size=(h, w), mode='bilinear', align_corners=False)
             scores = scores + logits.softmax(1)
@@ -136,17 +127,15 @@ def predict(model, image, num_classes, mode='whole', aug_test=False):
 
 
 def prepare_for_inference(model, runtime, compile_model=False):
-    """The inference fast path, as a new model (`model` itself is left as it is): BatchNorm
-    folded into the convs, channels_last where it pays (CPU and CUDA; unsupported on NPU), and
-    with compile_model torch.compile on top. Same outputs as the plain model (tested)."""
+    """A copy of `model`, BatchNorm folded, channels_last where it pays, maybe compiled."""
     model = bisenet.fold_batchnorm(copy.deepcopy(model).eval())
     model = model.to(runtime.device, memory_format=runtime.inference_format)
     if compile_model:
         if runtime.type == 'npu':
             raise SetupError('--compile is not supported on NPU: drop it')
         if runtime.type == 'cpu' and not any(shutil.which(c) for c in ('g++', 'clang++', 'c++')):
-            raise SetupError('--compile on CPU needs a C++ compiler (g++ or clang++): '
-                                     'install one or drop --compile')
+            raise SetupError('--compile on CPU needs a C++ compiler (g++ or clang++): install '
+                             'one or drop --compile')
         try:
             model = torch.compile(model)
         except RuntimeError as e:               # e.g. a Python that this torch's Dynamo lacks
@@ -155,50 +144,46 @@ def prepare_for_inference(model, runtime, compile_model=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation on a data set
+# Evaluation on a data set, and its outputs: label maps and pictures
 # ----------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None,
              show_dir=None, workers=4, log=print, profiler=None, limit=None, keep_pictures=()):
-    """Run `model` over `dataset` (a SegmentationDataset of EvalTransform(on_device=True)
-    items; its first `limit` images, if given) in this process's shard and return the metrics
-    of the counts summed over all processes. Outputs are named and coloured by the dataset.
-    metrics['pictures'] holds the prediction_picture of each image of `keep_pictures` (dataset
-    indices) in this process's shard, by name."""
-    was_training = model.training
+    """The metrics of `model` on `dataset` (EvalTransform items), counts summed over all
+    processes; 'pictures': the prediction_picture of this shard's `keep_pictures`, by name."""
+    was_training, num_classes = model.training, model.num_classes
     model.eval()
-    num_classes = model.num_classes
     size = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = torch.utils.data.DataLoader(
-        Readable(dataset), batch_size=None, sampler=runtime.shard(size), num_workers=workers,
-        **runtime.loader_options())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=runtime.shard(size),
+                                         num_workers=workers, **runtime.loader_options())
     label_ids = data.cityscapes_label_ids(dataset.classes)
     total = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
-    progress, pictures, skipped = Progress('[eval]', size, runtime, log), {}, []
-    for step, (index, (item, problem)) in enumerate(zip(loader.sampler, loader)):
-        if problem is not None:                 # named, and left out of the metric
-            print(f'skipped {problem}', file=sys.stderr, flush=True)
-            skipped.append(problem)
+    progress, pictures, skipped = Progress('[eval]', size, runtime.world_size, log), {}, []
+    items = iter(loader)
+    for step, index in enumerate(loader.sampler):
+        try:                        # a file that cannot be read: named, left out of the metric
+            image, label = next(items)
+        except data.DatasetError as e:
+            print(f'skipped {one_line(e)}', file=sys.stderr, flush=True)
+            skipped.append(one_line(e))
             progress.step(step, len(loader))
             continue
-        image = item[0][None].to(runtime.device, non_blocking=True)
-        label = item[1][None].to(runtime.device, non_blocking=True).long()
+        image = image[None].to(runtime.device, non_blocking=True)
+        label = label[None].to(runtime.device, non_blocking=True).long()
         x = data.normalize(image).contiguous(memory_format=runtime.inference_format)
         with runtime.autocast():
-            scores = predict(model, x, num_classes, mode, aug_test)
-        pred = scores.argmax(1)
+            pred = predict(model, x, num_classes, mode, aug_test).argmax(1)
         total += confusion(pred, label, num_classes)
-        keep = index in keep_pictures
-        if out_dir or show_dir or keep:
+        if out_dir or show_dir or index in keep_pictures:
             name = dataset.name(index)
             pred_ids, truth = pred[0].cpu().numpy(), label[0].cpu().numpy()
             save_prediction(pred_ids, image[0],
                             f'{name}_leftImg8bit.png' if label_ids else f'{name}.png',
                             f'{name}.png', out_dir, show_dir, dataset.classes, dataset.palette,
                             truth, label_ids)
-            if keep:
+            if index in keep_pictures:
                 pictures[name] = prediction_picture(pred_ids, image[0], dataset.classes,
                                                     dataset.palette, truth)
         if profiler is not None:
@@ -209,34 +194,13 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
     return dict(summarize(total.cpu()), pictures=pictures, skipped=skipped)
 
 
-class Readable(torch.utils.data.Dataset):
-    """The items of a data set as (item, None), or (None, why) for one whose files cannot be
-    read (a truncated image, say): evaluate() names and skips it, rather than losing the run
-    that validates with it."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        try:
-            return self.dataset[index], None
-        except data.DatasetError as e:
-            return None, one_line(e)
-
-
 class Progress:
-    """'[what] done/total images, N images/s, s elapsed, ETA s' every 10 s and at the end of a
-    shard (runtime: the processes that share the items; None: this one alone). The latest one
-    made is what an interruption reports (interrupted)."""
+    """'[what] done/total images, N images/s, ..., ETA s', every 10 s; Ctrl-C reports the last."""
     latest = None
 
-    def __init__(self, what, total, runtime, log, unit='images'):
+    def __init__(self, what, total, world_size, log, unit='images'):
         self.what, self.total, self.log, self.unit = what, total, log, unit
-        self.world_size = runtime.world_size if runtime else 1
-        self.start, self.last, self.done = time.time(), 0.0, 0
+        self.world_size, self.start, self.last, self.done = world_size, time.time(), 0, 0
         Progress.latest = self
 
     def step(self, step, steps):
@@ -253,26 +217,15 @@ class Progress:
 
 def interrupted():
     """The line of a run that Ctrl-C ended: how far it got."""
-    progress = Progress.latest
-    where = f' after {progress.done} of {progress.total or "?"} {progress.unit} ' \
-            f'({progress.what.strip("[]")})' if progress else ''
-    return (f'error: interrupted (Ctrl-C){where}; every file written is complete, none is '
-            f'left half written')
+    p = Progress.latest
+    where = f' after {p.done} of {p.total or "?"} {p.unit} ({p.what.strip("[]")})' if p else ''
+    return f'error: interrupted (Ctrl-C){where}; every file written is whole, none half written'
 
-
-# ----------------------------------------------------------------------------------------------
-# Outputs: label maps and pictures
-# ----------------------------------------------------------------------------------------------
 
 
 def save_prediction(pred, image, out_name, show_name, out_dir, show_dir, classes, palette,
                     label=None, label_ids=None):
-    """The label map OUT_DIR/out_name, and/or a picture SHOW_DIR/show_name: the image, the
-    prediction and the ground truth side by side when a label is given, else the prediction
-    over the image; captioned, with a legend of the classes present. The label map is a
-    palette PNG of train ids in the classes' colours, or with label_ids (Cityscapes' labelIds,
-    what its evaluation scripts read) those ids. pred, label: (H, W) train ids; image uint8
-    (3, H, W)."""
+    """The label map (palette PNG of train ids, or label_ids) and/or the picture of `pred`."""
     if out_dir:
         if label_ids is not None:
             label_map = Image.fromarray(data.lookup_table(label_ids)[pred])
@@ -285,21 +238,12 @@ def save_prediction(pred, image, out_name, show_name, out_dir, show_dir, classes
         save_bytes(Path(show_dir) / show_name, image_bytes(picture))
 
 
-def image_bytes(image, format='PNG'):
-    """A PIL image encoded in memory, to be written with save_bytes."""
-    buffer = io.BytesIO()
-    image.save(buffer, format=format)
-    return buffer.getvalue()
-
-
 def prediction_picture(pred, image, classes, palette, label=None):
-    """What --show-dir writes (and train.py --tensorboard shows): image | prediction | ground
-    truth, or without a label the prediction over the image; captioned, with a legend."""
+    """image | prediction | ground truth, or without a label the prediction over the image."""
     rgb = image.permute(1, 2, 0).cpu().numpy()
     present = np.bincount(pred.ravel(), minlength=256)
     if label is None:
-        panels = [blend(rgb, pred, palette)]
-        captions = ['prediction']
+        panels, captions = [blend(rgb, pred, palette)], ['prediction']
     else:
         panels = [rgb, colourize(pred, palette), colourize(label, palette)]
         captions = ['image', 'prediction', 'ground truth']
@@ -308,16 +252,14 @@ def prediction_picture(pred, image, classes, palette, label=None):
 
 
 def picture(panels, captions, train_ids, classes, palette):
-    """Panels (uint8 (H, W, 3)) side by side, a caption above each, and below them the legend
-    of the classes `train_ids`, sized to the panels."""
+    """Captioned panels (uint8 (H, W, 3)) side by side, the legend of `train_ids` below."""
     height, width = panels[0].shape[0], sum(p.shape[1] for p in panels)
     size = max(11, height // 40)
     font, pad, line = legend_font(size), size // 2, size + size // 2
     last_caption = width - panels[-1].shape[1] + text_width(captions[-1], font) + 2 * pad
     key = legend(train_ids, classes, palette, max(width, last_caption), size)
     canvas = Image.new('RGB', (key.width, line + height + key.height), 'white')
-    draw = ImageDraw.Draw(canvas)
-    x = 0
+    draw, x = ImageDraw.Draw(canvas), 0
     for panel, caption in zip(panels, captions):
         canvas.paste(Image.fromarray(panel), (x, line))
         draw.text((x + pad, pad // 2), caption, fill='black', font=font)
@@ -327,9 +269,7 @@ def picture(panels, captions, train_ids, classes, palette):
 
 
 def legend(train_ids, classes, palette, width, size):
-    """The classes `train_ids` (255: ignored) as swatches of their colours with their names, in
-    rows wrapped to `width` (wider where one name needs it), in a font of `size` pixels: a white
-    PIL image, what pictures show below the panels and videos over the frame's bottom."""
+    """Swatches and names of `train_ids` in rows wrapped to `width`: a white PIL image."""
     font, pad, line = legend_font(size), size // 2, size + size // 2
     entries = [(tuple(palette[i]) if i < len(palette) else (0, 0, 0),
                 classes[i] if i < len(classes) else 'ignored' if i == 255 else str(i))
@@ -366,16 +306,14 @@ def text_width(text, font):
 
 
 def colourize(train_ids, palette):
-    """Train ids (H, W) in the classes' colours, uint8 (H, W, 3); ignored and unknown ids
-    black. Pillow's palette lookup: four times numpy's indexing, for a video's every frame."""
+    """Train ids in their colours, others black (Pillow's lookup: 4 x numpy's indexing)."""
     ids = Image.fromarray(np.asarray(train_ids, np.uint8), 'P')
     ids.putpalette([v for colour in palette for v in colour])
     return np.asarray(ids.convert('RGB'))
 
 
 def blend(rgb, train_ids, palette):
-    """The classes' colours over an image (uint8 (H, W, 3)) at half strength: (a + b) // 2,
-    in uint8 without overflow."""
+    """The classes' colours over an image at half strength: (a + b) // 2, in uint8."""
     colours = colourize(train_ids, palette)
     return (rgb >> 1) + (colours >> 1) + (rgb & colours & 1)
 
@@ -384,19 +322,15 @@ def blend(rgb, train_ids, palette):
 # Your own images: the reference's test pipeline on any PNG or JPEG
 # ----------------------------------------------------------------------------------------------
 
-TEST_SCALE = (2048, 1024)            # the reference's test Resize: fit, keeping the aspect ratio
-
 
 def fit_size(width, height, scale=TEST_SCALE):
-    """(w, h) of an image rescaled to fit `scale` keeping its aspect ratio, as mmcv's
-    rescale_size does: the long side to at most max(scale), the short one to min(scale)."""
+    """(w, h) rescaled to fit `scale`, keeping the aspect ratio, as mmcv's rescale_size."""
     factor = min(max(scale) / max(width, height), min(scale) / min(width, height))
     return int(width * factor + 0.5), int(height * factor + 0.5)
 
 
 def find_images(patterns, flag='--images', suffixes=data.IMAGE_SUFFIXES, kind='PNG or JPEG'):
-    """Files, folders (searched recursively for files with `suffixes`) and globs -> sorted
-    unique paths; also what --video finds its videos with."""
+    """Files, folders (searched recursively for `suffixes`) and globs: sorted unique paths."""
     found = set()
     for pattern in patterns:
         path = Path(pattern)
@@ -409,36 +343,27 @@ def find_images(patterns, flag='--images', suffixes=data.IMAGE_SUFFIXES, kind='P
                        if Path(p).suffix.lower() in suffixes]
         matches = [p.resolve() for p in matches if p.is_file()]
         if not matches:
-            raise SetupError(f'{flag} {pattern}: no {kind} file there')
+            raise SetupError(f'{flag} {pattern}: no {kind} file there'.strip())
         found.update(matches)
     return sorted(found)
 
 
 def output_names(paths, suffix='.png'):
-    """A collision-free relative output name for each input: its path below the inputs' common
-    folder, with `suffix` for the file it becomes (photo.jpg -> photo.jpg.png, a.png -> a.png;
-    for videos clip.mp4 -> clip.mp4, clip.mkv -> clip.mkv.mp4)."""
+    """Output names: paths below the common folder, ending in `suffix` (a.jpg -> a.jpg.png)."""
     root = Path(os.path.commonpath([p.parent for p in paths]))
-    names = []
-    for path in paths:
-        name = path.relative_to(root).as_posix()
-        names.append(name if path.suffix.lower() == suffix else name + suffix)
-    return names
+    names = [path.relative_to(root).as_posix() for path in paths]
+    return [n if p.suffix.lower() == suffix else n + suffix for n, p in zip(names, paths)]
 
 
 def rescaled(image, scale=TEST_SCALE):
-    """An RGB PIL image as the reference's test pipeline feeds it to the model: (image uint8
-    (3, H, W), the image rescaled to fit `scale` keeping its aspect ratio with cv2's bilinear,
-    uint8 (3, h, w))."""
+    """(image, image rescaled to fit `scale` as cv2 does), uint8 (3, H, W), of an RGB image."""
     size = fit_size(*image.size, scale)
     small = data.rescale_crop(image, image.size, size, (0, 0) + size, Image.BILINEAR)
     return data.pixels(image).permute(2, 0, 1), data.pixels(small).permute(2, 0, 1)
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images for inference, as the reference's test pipeline reads them: RGB (EXIF orientation
-    applied; greyscale, palette and RGBA converted), then rescaled(). An item is (image, the
-    rescaled image, None), or (None, None, the reason) for a file that cannot be read."""
+    """Images as the reference reads them: (rescaled()..., None), or (None, None, why)."""
 
     def __init__(self, paths, scale=TEST_SCALE):
         self.paths, self.scale = paths, scale
@@ -455,9 +380,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def segment(model, image, small, runtime, mode='whole', aug_test=False):
-    """The label map (train ids, uint8 (H, W) on the CPU) of an image (uint8 (3, H, W)) from
-    its rescaled copy `small`: the scores go back to the image's own size (bilinear) before the
-    argmax, as the reference predicts."""
+    """An image's label map (uint8, CPU) from `small`, scores resized back before the argmax."""
     x = data.normalize(small[None].to(runtime.device, non_blocking=True))
     with runtime.autocast():
         scores = predict(model, x.contiguous(memory_format=runtime.inference_format),
@@ -469,14 +392,13 @@ def segment(model, image, small, runtime, mode='whole', aug_test=False):
 @torch.no_grad()
 def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=None,
                    show_dir=None, workers=4, log=print, scale=TEST_SCALE):
-    """Segment image files in this process's shard (segment()). Writes label PNGs and/or
-    pictures; returns the files that could not be read."""
+    """Label maps and/or pictures of this shard of image files; returns those not read."""
     dataset, names = ImageFiles(paths, scale), output_names(paths)
     label_ids = data.cityscapes_label_ids(model.classes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                          sampler=runtime.shard(len(dataset)),
                                          worker_init_fn=init_worker)
-    progress, failed = Progress('[images]', len(dataset), runtime, log), []
+    progress, failed = Progress('[images]', len(dataset), runtime.world_size, log), []
     for step, (index, (image, small, error)) in enumerate(zip(loader.sampler, loader)):
         if error is None:
             pred = segment(model, image, small, runtime, mode, aug_test)
@@ -495,18 +417,14 @@ def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=
 
 
 def time_alternately(runs, rounds, synchronize=None):
-    """Seconds per call of each of `runs` (name -> function) in `rounds` rounds, the order
-    reversed every other round so that a noisy machine slows them alike: {name: [s, ...]}.
-    `synchronize` (a device's) runs before each clock reading."""
-    times = {name: [] for name in runs}
+    """{name: [seconds per call]} of `runs`, the order reversed every other round."""
+    times, synchronize = {name: [] for name in runs}, synchronize or (lambda: None)
     for round_ in range(rounds):
         for name in (list(runs) if round_ % 2 == 0 else list(runs)[::-1]):
-            if synchronize:
-                synchronize()
+            synchronize()
             start = time.perf_counter()
             runs[name]()
-            if synchronize:
-                synchronize()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -514,16 +432,12 @@ def time_alternately(runs, rounds, synchronize=None):
 @torch.no_grad()
 def benchmark(model, runtime, compile_model=False, size=(1024, 2048), batch=1, warmup=2,
               rounds=None, log=print):
-    """Time per batch of whole-image inference, from the normalised images to the label maps
-    (the logits' argmax, which mmsegmentation's benchmark also times): the plain model next to
-    the fast path, and with compile_model the fast path under torch.compile too, in
-    alternating rounds so that a noisy machine slows them alike; medians. The last line is
-    'FPS: <images per second of the fastest>'."""
+    """Time per batch, normalised images to label maps: the plain model, the fast path (and
+    compiled), alternated; medians. The last line is 'FPS: <the fastest's images/s>'."""
     rounds = rounds or (6 if runtime.type == 'cpu' else 30)
     x = torch.randn(batch, 3, *size, device=runtime.device)
     fast_x = x.contiguous(memory_format=runtime.inference_format)
-    model = model.eval().to(runtime.device)
-    fast = prepare_for_inference(model, runtime)
+    model, fast = model.eval().to(runtime.device), prepare_for_inference(model, runtime)
 
     def label_map(model, x):
         with runtime.autocast():
@@ -539,12 +453,11 @@ def benchmark(model, runtime, compile_model=False, size=(1024, 2048), batch=1, w
     times = time_alternately(runs, rounds, runtime.synchronize)
     median = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
-        spread = f'{min(t) * 1e3:.1f}-{max(t) * 1e3:.1f}'
         log(f'{name:<19} {median[name] * 1e3:8.1f} ms per batch, {batch / median[name]:7.1f} '
-            f'images/s (median of {len(t)}: {spread} ms)')
-    what = 'folded BN' + (', channels_last' if runtime.inference_format == torch.channels_last
-                          else '')
-    line = f'fast path ({what}): {median["fast path"] / median["plain model"]:.2f} x the time'
+            f'images/s (median of {len(t)}: {min(t) * 1e3:.1f}-{max(t) * 1e3:.1f} ms)')
+    layout = ', channels_last' if runtime.inference_format == torch.channels_last else ''
+    line = f'fast path (folded BN{layout}): {median["fast path"] / median["plain model"]:.2f} x ' \
+        f'the time'
     if compile_model:
         line += f'; compiled: {median["fast path, compiled"] / median["plain model"]:.2f} x'
     log(f'{line} ({size[0]} x {size[1]}, batch {batch}, {runtime.type}, {runtime.precision})')
@@ -558,47 +471,41 @@ def benchmark(model, runtime, compile_model=False, size=(1024, 2048), batch=1, w
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--ckpt', help='checkpoint: ours (train.py) or mmsegmentation\'s')
-    parser.add_argument('--data-path', '--data_path',
-                        help='Cityscapes root (leftImg8bit/, gtFine/) or your own data set '
-                             f'(classes.txt, images/, labels/); default {DEFAULT_DATA_PATH}')
-    parser.add_argument('--split', default='val')
-    parser.add_argument('--images', nargs='+', metavar='PATH', help='segment these PNG/JPEG '
-                        'files, folders (recursively) or globs instead; no labels needed')
-    parser.add_argument('--scale', type=int, nargs=2, metavar=('W', 'H'), help='with --images: '
-                        'rescale to fit W x H, keeping the aspect ratio (default 2048 1024)')
-    parser.add_argument('--mode', choices=('whole', 'slide'), default='whole',
-                        help='whole image (the reference) or sliding 1024 x 1024 windows')
-    parser.add_argument('--aug-test', action='store_true',
-                        help='multi-scale (0.5-1.75) + flip test, softmax averaged')
-    parser.add_argument('--out-dir', help='write label PNGs here (Cityscapes: labelIds; '
-                        'other classes: palette PNGs of train ids)')
-    parser.add_argument('--show-dir', help='write colour pictures of the predictions here')
-    parser.add_argument('--json', help='write the metrics here (mIoU, mAcc, aAcc, per class)')
-    parser.add_argument('--device', choices=('auto', 'npu', 'cuda', 'cpu'), default='auto')
-    parser.add_argument('--device_list', help='Ascend scripts\' device ids, e.g. 0,1,2,3')
-    parser.add_argument('--amp', action='store_true', help='autocast')
-    parser.add_argument('--amp-dtype', choices=('fp16', 'bf16'), default='fp16')
-    parser.add_argument('--compile', action='store_true', help='torch.compile the fast path')
-    parser.add_argument('--threads', type=int, help='CPU threads (default all cores)')
-    parser.add_argument('--workers', type=int, default=4, help='data loading processes')
-    parser.add_argument('--cache-dir', help='read images through train.py\'s decoded cache')
-    parser.add_argument('--trust-pickle', action='store_true',
-                        help='load a checkpoint that holds pickled objects (runs its code)')
-    parser.add_argument('--prof_test', action='store_true',
-                        help='profile inference of a few images; trace into --prof-dir')
-    parser.add_argument('--prof-dir', default='output/prof_test')
-    parser.add_argument('--benchmark', action='store_true',
-                        help='time inference at 1024 x 2048 on random input; no data needed')
-    parser.add_argument('--backbone', choices=('resnet18', 'resnet50'), default='resnet18',
-                        help='model for --benchmark without --ckpt')
-    parser.add_argument('--batch-size', type=int, default=1,
-                        help='with --benchmark: images per forward pass')
+    add = parser.add_argument
+    add('--ckpt', help='checkpoint: ours (train.py) or mmsegmentation\'s')
+    add('--data-path', '--data_path', help='Cityscapes root (leftImg8bit/, gtFine/) or your own '
+        f'data set (classes.txt, images/, labels/); default {DEFAULT_DATA_PATH}')
+    add('--split', default='val')
+    add('--images', nargs='+', metavar='PATH', help='segment these PNG/JPEG files, folders '
+        '(recursively) or globs instead; no labels needed')
+    add('--scale', type=int, nargs=2, metavar=('W', 'H'), help='with --images: rescale to fit '
+        'W x H, keeping the aspect ratio (default 2048 1024)')
+    add('--mode', choices=('whole', 'slide'), default='whole',
+        help='whole image (the reference) or sliding 1024 x 1024 windows')
+    add('--aug-test', action='store_true', help='multi-scale (0.5-1.75) + flip, softmax averaged')
+    add('--out-dir', help='label PNGs here (Cityscapes: labelIds; else palette PNGs of train ids)')
+    add('--show-dir', help='colour pictures of the predictions here')
+    add('--json', help='the metrics here (mIoU, mAcc, aAcc, per class)')
+    add('--device', choices=('auto', 'npu', 'cuda', 'cpu'), default='auto')
+    add('--device_list', help='Ascend scripts\' device ids, e.g. 0,1,2,3')
+    add('--amp', action='store_true', help='autocast')
+    add('--amp-dtype', choices=('fp16', 'bf16'), default='fp16')
+    add('--compile', action='store_true', help='torch.compile the fast path')
+    add('--threads', type=int, help='CPU threads (default all cores)')
+    add('--workers', type=int, default=4, help='data loading processes')
+    add('--cache-dir', help='read images through train.py\'s decoded cache')
+    add('--trust-pickle', action='store_true', help='load a checkpoint holding pickled objects '
+        '(runs their code)')
+    add('--prof_test', action='store_true', help='profile a few images into --prof-dir')
+    add('--prof-dir', default='output/prof_test')
+    add('--benchmark', action='store_true', help='time inference at 1024 x 2048, random input')
+    add('--backbone', choices=('resnet18', 'resnet50'), default='resnet18',
+        help='model for --benchmark without --ckpt')
+    add('--batch-size', type=int, default=1, help='with --benchmark: images per forward pass')
     return parser
 
 
-# Flags that moved to the tools: where each went.
-MOVED = {'--video': 'tools/video.py', '--onnx': 'tools/run_onnx.py',
+MOVED = {'--video': 'tools/video.py', '--onnx': 'tools/run_onnx.py',      # to the tools
          '--export-onnx': 'tools/export_onnx.py', '--int8': 'tools/export_onnx.py'}
 
 
@@ -607,32 +514,22 @@ def check_args(args):
     if not (args.benchmark or args.ckpt):
         raise SetupError('--ckpt is required (or --benchmark for a timing run)')
     for name, least in (('workers', 0), ('batch_size', 1)):
-        value = getattr(args, name)
-        if value < least:
-            raise SetupError(f'--{name.replace("_", "-")} must be at least {least}, '
-                                     f'not {value}')
+        if getattr(args, name) < least:
+            raise SetupError(f'--{name.replace("_", "-")} must be at least {least}, not '
+                             f'{getattr(args, name)}')
     if args.batch_size != 1 and not args.benchmark:
-        raise SetupError('--batch-size goes with --benchmark: evaluation runs one '
-                                 'image at a time')
+        raise SetupError('--batch-size goes with --benchmark: evaluation runs one image at a '
+                         'time')
     if args.scale and not args.images:
-        raise SetupError('--scale applies to --images only (data sets are evaluated at '
-                                 'their own size)')
+        raise SetupError('--scale applies to --images only (data sets are evaluated at their '
+                         'own size)')
     if args.scale and min(args.scale) <= 0:
-        raise SetupError(f'--scale takes a positive width and height, not '
-                                 f'{args.scale[0]} {args.scale[1]}')
-
-
-def run_benchmark(args, runtime):
-    """--benchmark: a checkpoint's model, or a new one of --backbone, timed on random input."""
-    model = (bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle) if args.ckpt
-             else bisenet.BiSeNetV1(19, args.backbone))
-    runtime.print0(f'BiSeNetV1 {model.backbone_name}, {runtime.device}, {runtime.precision}')
-    benchmark(model, runtime, args.compile, batch=args.batch_size, log=runtime.print0)
+        raise SetupError(f'--scale takes a positive width and height, not {args.scale[0]} '
+                         f'{args.scale[1]}')
 
 
 def output_folders(args):
-    """(--out-dir, --show-dir), made and checked writable before any work; with neither,
-    pictures go to output/segmented."""
+    """(--out-dir, --show-dir), made first; with neither, pictures go to output/segmented."""
     show_dir = args.show_dir or (None if args.out_dir else 'output/segmented')
     for flag, folder in (('--out-dir', args.out_dir), ('--show-dir', show_dir)):
         if folder:
@@ -641,24 +538,25 @@ def output_folders(args):
 
 
 def run_images(args, runtime, model, source):
-    """--images: label maps and/or pictures; exits 1 if any could not be read."""
+    """--images: label maps and/or pictures; status 1 if any file could not be read."""
     paths = find_images(args.images)
     out_dir, show_dir = output_folders(args)
     scale = tuple(args.scale or TEST_SCALE)
-    runtime.print0(f'segmenting {len(paths)} images with {source} ({model.num_classes} '
-                    f'classes), {args.mode}{" + ms/flip" if args.aug_test else ""}, fit to '
-                    f'{scale[0]} x {scale[1]}, {runtime.device}, {runtime.precision}; writing '
-                    + ' and '.join(f'{what} to {folder}' for what, folder in (
-                        ('label maps', out_dir), ('pictures', show_dir)) if folder))
+    writes = [f'{what} to {folder}' for what, folder in (('label maps', out_dir),
+                                                         ('pictures', show_dir)) if folder]
+    runtime.print0(f'segmenting {len(paths)} images with {source} ({model.num_classes} classes), '
+                   f'{args.mode}{" + ms/flip" if args.aug_test else ""}, fit to {scale[0]} x '
+                   f'{scale[1]}, {runtime.device}, {runtime.precision}; writing '
+                   f'{" and ".join(writes)}')
     failed = segment_images(model, paths, runtime, args.mode, args.aug_test, out_dir, show_dir,
                             args.workers, log=runtime.print0, scale=scale)
     if failed:
-        fail(f'error: {len(failed)} of the images could not be read (named above); the '
-                     f'others were written')
+        fail(f'error: {len(failed)} of the images could not be read (named above); the others '
+             f'were written')
 
 
 def run_evaluation(args, runtime, model, source):
-    """The metric of a model on --data-path's --split, its table, and what it writes."""
+    """The metric on --data-path's --split, its table, and the outputs asked for."""
     for flag, folder in (('--out-dir', args.out_dir), ('--show-dir', args.show_dir),
                          ('--prof-dir', args.prof_test and args.prof_dir)):
         if folder:                          # fail now, not after the evaluation
@@ -666,50 +564,41 @@ def run_evaluation(args, runtime, model, source):
     if args.json:
         output_file(args.json, '--json')
     if args.data_path is None and not Path(DEFAULT_DATA_PATH).exists():
-        raise SetupError(f'no data set to evaluate on: give --data-path ROOT (the '
-                                 f'default, {DEFAULT_DATA_PATH}, does not exist), or --images '
-                                 f'FILES to segment files')
+        raise SetupError(f'no data set to evaluate on: give --data-path ROOT (the default, '
+                         f'{DEFAULT_DATA_PATH}, does not exist), or --images FILES')
     root = args.data_path or DEFAULT_DATA_PATH
     dataset = data.SegmentationDataset(root, args.split, data.EvalTransform(on_device=True),
                                        args.cache_dir)
     if model.num_classes != len(dataset.classes):
         raise SetupError(f'{source} predicts {model.num_classes} classes but {root} has '
-                                 f'{len(dataset.classes)}: evaluate a model trained on this '
-                                 f'data set')
+                         f'{len(dataset.classes)}: evaluate a model trained on this data set')
     if dataset.cache_note:
         runtime.print0(dataset.cache_note)
     limit = 8 if args.prof_test else None           # a few images are enough to profile
     runtime.print0(f'evaluating {source} ({model.backbone_name}, {model.num_classes} classes) '
-                    f'on {min(len(dataset), limit or len(dataset))} images of {root}/'
-                    f'{args.split}, {args.mode}{" + ms/flip" if args.aug_test else ""}, '
-                    f'{runtime.device}, {runtime.precision}, {runtime.world_size} process(es)')
-    profiler = runtime.profiler(args.prof_dir) if args.prof_test else None
+                   f'on {min(len(dataset), limit or len(dataset))} images of {root}/'
+                   f'{args.split}, {args.mode}{" + ms/flip" if args.aug_test else ""}, '
+                   f'{runtime.device}, {runtime.precision}, {runtime.world_size} process(es)')
+    with runtime.profiler(args.prof_dir) if args.prof_test else nullcontext() as profiler:
+        metrics = evaluate(model, dataset, runtime, args.mode, args.aug_test, args.out_dir,
+                           args.show_dir, args.workers, runtime.print0, profiler, limit)
     if profiler is not None:
-        profiler.start()
-    metrics = evaluate(model, dataset, runtime, args.mode, args.aug_test, args.out_dir,
-                       args.show_dir, args.workers, log=runtime.print0, profiler=profiler,
-                       limit=limit)
-    if profiler is not None:
-        profiler.stop()
         runtime.print0(f'profile trace written to {args.prof_dir}')
     if metrics['pixels'] == 0:                  # e.g. Cityscapes' test split
         runtime.print0('no labelled pixels: metrics skipped'
-                        + (f' (predictions written to {args.out_dir})' if args.out_dir else ''))
+                       + (f' (predictions written to {args.out_dir})' if args.out_dir else ''))
         return
     runtime.print0(format_table(metrics, dataset.classes))
     if args.json and runtime.rank == 0:
         record = json.dumps(metrics_record(metrics, dataset.classes), indent=2) + '\n'
         save_bytes(args.json, record.encode())
     if metrics['skipped']:
-        fail(f'error: {len(metrics["skipped"])} of the images could not be read (named '
-                     f'above) and are left out of these metrics: mend or remove them and run '
-                     f'again')
+        fail(f'error: {len(metrics["skipped"])} of the images could not be read (named above) '
+             f'and are left out of these metrics: mend or remove them and run again')
 
 
 def guarded(args, work, device=None):
-    """work(runtime) with the answers to what goes wrong: one line for a user's error, for
-    Ctrl-C (status 130) and for a --compile that fails at its first image. The Runtime is made
-    for `device` (None: no Runtime) and closed after. eval.py's tools run through it too."""
+    """work(runtime), one line for a user's error, Ctrl-C (130) or --compile (tools use it)."""
     runtime, Progress.latest = None, None
     try:
         if args.threads is not None and args.threads < 1:
@@ -717,22 +606,19 @@ def guarded(args, work, device=None):
         if args.threads:
             torch.set_num_threads(args.threads)
         if device is not None:
-            runtime = Runtime(device, getattr(args, 'amp', False),
-                                       getattr(args, 'amp_dtype', 'fp16'),
-                                       getattr(args, 'device_list', None))
+            runtime = Runtime(device, args.amp, args.amp_dtype, args.device_list)
         work(runtime)
     except (bisenet.CheckpointError, data.DatasetError, SetupError) as e:
         fail(f'error: {one_line(e)}')
     except KeyboardInterrupt:
         fail(interrupted(), 130)                # the shell's status for SIGINT
     except Exception as e:
-        # torch.compile compiles at the first call, so its failures (no working compiler or
-        # Triton, a backend bug) surface here rather than in prepare_for_inference.
+        # torch.compile compiles at the first call: a compiler's failures surface here.
         if getattr(args, 'compile', False) and type(e).__module__.startswith(
                 ('torch._dynamo', 'torch._inductor')):
             cause = getattr(e, 'inner_exception', None) or e
             fail(f'error: --compile failed at the first image ({type(cause).__name__}: '
-                         f'{one_line(cause)[:200]}); drop --compile')
+                 f'{one_line(cause)[:200]}); drop --compile')
         raise
     finally:
         if runtime is not None:
@@ -741,20 +627,22 @@ def guarded(args, work, device=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    moved = [flag for flag in argv if flag.split('=')[0] in MOVED]
+    moved = [flag.split('=')[0] for flag in argv if flag.split('=')[0] in MOVED]
     if moved:
-        fail(f'error: {moved[0]} is now python {MOVED[moved[0].split("=")[0]]} (see '
-                     f'tools/README.md)')
+        fail(f'error: {moved[0]} is now python {MOVED[moved[0]]} (see tools/README.md)')
     args = get_args_parser().parse_args(argv)
 
     def work(runtime):
         check_args(args)
+        log = runtime.print0
         if args.benchmark:
-            return run_benchmark(args, runtime)
+            model = (bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle) if args.ckpt
+                     else bisenet.BiSeNetV1(19, args.backbone))
+            log(f'BiSeNetV1 {model.backbone_name}, {runtime.device}, {runtime.precision}')
+            return benchmark(model, runtime, args.compile, batch=args.batch_size, log=log)
         model = prepare_for_inference(
             bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle), runtime, args.compile)
-        run = run_images if args.images else run_evaluation
-        run(args, runtime, model, args.ckpt)
+        (run_images if args.images else run_evaluation)(args, runtime, model, args.ckpt)
     guarded(args, work, args.device)
 
 

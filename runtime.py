@@ -1,25 +1,18 @@
 """Where and how a process runs: the one place that decides the device (NPU, CUDA or CPU), the
 distributed backend, the precision and its loss scaling, SyncBatchNorm, pinning and the
-profiler. Also the errors a user can cause and the writing of files, each ending in one line.
-train.py, eval.py and the tools import it first: it checks NumPy against torch before torch
-loads.
+profiler. train.py, eval.py and the tools import it first: it checks NumPy against torch.
 
     runtime = Runtime('auto', amp=True)     # under torchrun it also joins the process group
     with runtime.autocast():
         outputs = model(images.to(runtime.device))
 """
-import contextlib
-import errno
 import inspect
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import sys
-import tempfile
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 
@@ -52,17 +45,8 @@ if _problem:
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-# ----------------------------------------------------------------------------------------------
-# Errors a user can cause, and the files the project writes: one line each
-# ----------------------------------------------------------------------------------------------
-
-
 class SetupError(RuntimeError):
     """A setting, flag or place that cannot work here."""
-
-
-class OutputError(SetupError):
-    """A file that cannot be written (a full disk, a read-only folder)."""
 
 
 def one_line(error):
@@ -86,84 +70,6 @@ def fail(line, status=1):
     raise SystemExit(status)
 
 
-def size_text(size):
-    return f'{size / 1e9:.1f} GB' if size >= 1e9 else f'{size / 1e6:.2f} MB'
-
-
-def make_dir(path, flag):
-    """The output folder `path` of `flag`, made and tried with a file before any work."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise SetupError(f'{flag} {path} is a file, not a folder: give a folder')
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise SetupError(f'{flag} {path}: cannot write in this folder ({e.strerror}); give a '
-                         f'writable folder') from None
-    return path
-
-
-def output_file(path, flag):
-    """The output file `path` of `flag`, checked before any work: no folder, a writable place."""
-    path = Path(path)
-    if path.is_dir():
-        raise SetupError(f'{flag} {path} is a folder: give a file name')
-    make_dir(path.parent, flag)
-    return path
-
-
-@contextlib.contextmanager
-def written(path, needed=0):
-    """A temporary name beside `path` to write to, renamed into place at the end: a kill or a
-    full disk leaves the earlier file intact and nothing behind. OutputError names the file,
-    the bytes it `needed` (where known) and those free."""
-    path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if needed > shutil.disk_usage(path.parent).free:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            raise OutputError(write_failure(path, e, needed)) from None
-        raise
-
-
-def write_failure(path, error, needed=0, then='run again'):
-    """The line for a file that could not be written: why, its size, the space free."""
-    try:
-        free = f'{size_text(shutil.disk_usage(Path(path).parent).free)} free there'
-    except OSError:
-        free = 'its folder cannot be read'
-    need = f'it needs {size_text(needed)}, ' if needed else ''
-    return (f'cannot write {path} ({getattr(error, "strerror", None) or error}): {need}{free}; '
-            f'free some space or give a writable place, and {then}')
-
-
-def save_bytes(path, data):
-    """Write `data` to `path` whole, or not at all (written)."""
-    with written(path, len(data)) as tmp:
-        Path(tmp).write_bytes(data)
-
-
-def all_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-
-
-def physical_memory():
-    """This machine's memory in bytes, or None where it cannot be read."""
-    try:
-        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 # ----------------------------------------------------------------------------------------------
 # The device, the backend and the precision: decided here, and nowhere else
 # ----------------------------------------------------------------------------------------------
@@ -178,19 +84,12 @@ def cpu_has_bf16():
 
 
 def import_torch_npu():
-    """torch_npu if it is installed and loads, else None: without CANN it cannot load."""
-    import importlib.util
-    if importlib.util.find_spec('torch_npu') is None:
-        return None
+    """torch_npu if it is installed and loads (without CANN it cannot), else None."""
     try:
         import torch_npu
         return torch_npu if torch.npu.is_available() else None
     except (ImportError, RuntimeError, OSError):
         return None
-
-
-def torch_version():
-    return tuple(int(n) for n in re.match(r'(\d+)\.(\d+)', torch.__version__).groups())
 
 
 def npu_saturates():
@@ -205,9 +104,8 @@ def fused_sgd_available():
 
 
 def sgd(parameters, fused=False, **kwargs):
-    """torch.optim.SGD with its momentum buffers made now, at zero: the first step's
-    arithmetic (0.9 x 0 + g = g), and where an fp16 overflow skips that step they stay zero
-    (torch's fused kernel would leave the empty_like buffers it makes uninitialised)."""
+    """torch.optim.SGD with momentum buffers made now, at zero: the first step's arithmetic,
+    and zero after an fp16 overflow skips it (fused SGD would leave them uninitialised)."""
     optimizer = torch.optim.SGD(parameters, **(dict(kwargs, fused=True) if fused else kwargs))
     for group in optimizer.param_groups:
         for parameter in group['params'] if group['momentum'] else []:
@@ -217,9 +115,8 @@ def sgd(parameters, fused=False, **kwargs):
 
 
 def init_worker(worker_id=None):
-    """A DataLoader worker's start: in a process group of its own, so that Ctrl-C or a SIGTERM
-    to the job reaches the trainer alone, which stops at a sync point; dying with its trainer
-    (Linux); quiet about the broken connection of a batch handed over as the trainer died."""
+    """A DataLoader worker's start: in a process group of its own (a signal to the job reaches
+    the trainer alone, which stops at a sync point), dying with its trainer, quietly."""
     if hasattr(os, 'setpgid'):
         os.setpgid(0, 0)
     if sys.platform.startswith('linux'):
@@ -237,9 +134,8 @@ def init_worker(worker_id=None):
 
 
 class Runtime:
-    """Device, rank, world size, autocast and loss scaling of this process. Under torchrun it
-    joins the process group (hccl on NPU, nccl on CUDA, gloo on CPU), one device a process,
-    picked by LOCAL_RANK (through the Ascend scripts' device_list '0,1,2,3' when given)."""
+    """This process's device, rank, precision and loss scaling. Under torchrun it joins the
+    process group (hccl, nccl or gloo), one device a process picked by LOCAL_RANK."""
 
     def __init__(self, device='auto', amp=False, amp_dtype='fp16', device_list=None):
         self.rank = int(os.environ.get('RANK', 0))
@@ -276,8 +172,7 @@ class Runtime:
                                                  world_size=world_size)
         self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[amp_dtype] if amp else None
         self.precision = amp_dtype if amp else 'fp32'
-        # channels_last: no kernels on NPU; it pays at inference on CPU and CUDA, in training
-        # on CUDA only.
+        # channels_last: none on NPU; it pays at inference on CPU and CUDA, training on CUDA.
         self.train_format = torch.channels_last if device == 'cuda' else torch.contiguous_format
         self.inference_format = (torch.channels_last if device in ('cpu', 'cuda')
                                  else torch.contiguous_format)
@@ -335,8 +230,7 @@ class Runtime:
     def npu_scaler(self):
         """Whether the dynamic scale is torch_npu's: before torch.amp's (2.3), and on 910A,
         whose saturation mode needs torch_npu's overflow flags."""
-        return self.type == 'npu' and not (hasattr(torch.amp, 'GradScaler')
-                                           and not npu_saturates())
+        return self.type == 'npu' and (not hasattr(torch.amp, 'GradScaler') or npu_saturates())
 
     def scale_of(self, scaler):
         """The dynamic loss scale as a device tensor copied without a wait (None when not
@@ -347,17 +241,18 @@ class Runtime:
     def training_notes(self, loss_scale=-1.0):
         """What a run says at its start: where its step waits for the device, and on 910A that
         a fixed loss scale cannot see overflows."""
-        waits, mode = [], self.loss_scaling(loss_scale)
+        mode, waits, notes = self.loss_scaling(loss_scale), [], []
         if mode == 'dynamic' and self.npu_scaler():
-            waits.append('three times a step in torch_npu\'s fp16 GradScaler (it reads the '
-                         'overflow flag and its growth counter on the host)')
+            waits.append("three times a step in torch_npu's fp16 GradScaler (it reads the "
+                         "overflow flag and its growth counter on the host)")
         elif mode == 'dynamic' and not (self.type == 'cuda' and fused_sgd_available()):
             waits.append('once a step in the fp16 GradScaler (it reads whether the gradients '
                          'overflowed, to skip the step)')
         if self.distributed and self.type != 'cpu':
-            waits.append('once per SyncBatchNorm layer (torch\'s SyncBatchNorm with several '
-                         'processes, pytorch/pytorch#78656; torch_npu\'s too)')
-        notes = [f'note: the host waits for the device {"; and ".join(waits)}'] if waits else []
+            waits.append("once per SyncBatchNorm layer (torch's SyncBatchNorm with several "
+                         "processes, pytorch/pytorch#78656; torch_npu's too)")
+        if waits:
+            notes.append(f'note: the host waits for the device {"; and ".join(waits)}')
         if mode == 'static' and npu_saturates():
             notes.append('note: this NPU (910A) computes fp16 in saturation mode: an overflow '
                          'gives the largest finite value, not inf, so the fixed --loss-scale '
@@ -394,7 +289,7 @@ class Runtime:
         synchronises at each copy; before torch 2.9 the loader pins for CUDA unless told the
         device), and workers started by init_worker."""
         options = {'pin_memory': self.type != 'cpu', 'worker_init_fn': init_worker}
-        if self.type == 'npu' and torch_version() < (2, 9):
+        if self.type == 'npu' and tuple(map(int, torch.__version__.split('.')[:2])) < (2, 9):
             options['pin_memory_device'] = 'npu'
         return options
 
@@ -417,16 +312,10 @@ class Runtime:
     def profiler(self, trace_dir, steps=5):
         """A profiler of `steps` steps (after one skipped and one of warm-up) tracing into
         trace_dir: torch_npu's on NPU, with the NPU's kernels, else torch's."""
-        module = torch.profiler
-        activities = [module.ProfilerActivity.CPU]
-        if self.type == 'npu':
-            import torch_npu
-            module = torch_npu.profiler
-            activities = [module.ProfilerActivity.CPU, module.ProfilerActivity.NPU]
-        elif self.type == 'cuda':
-            activities.append(module.ProfilerActivity.CUDA)
+        module = __import__('torch_npu').profiler if self.type == 'npu' else torch.profiler
+        kinds = {'npu': ['CPU', 'NPU'], 'cuda': ['CPU', 'CUDA']}.get(self.type, ['CPU'])
         return module.profile(
-            activities=activities,
+            activities=[getattr(module.ProfilerActivity, kind) for kind in kinds],
             schedule=module.schedule(wait=1, warmup=1, active=steps, repeat=1),
             on_trace_ready=module.tensorboard_trace_handler(str(trace_dir)))
 
@@ -438,15 +327,11 @@ class Runtime:
         """(name, GB): the device's peak allocation, or on CPU the process's peak resident set
         (Linux counts it in KiB, macOS in bytes)."""
         if self.type != 'cpu':
-            peak = getattr(torch, self.type).max_memory_allocated(self.device)
-            return 'memory_gb', peak / 2 ** 30
-        if resource is None:                        # Windows
-            return 'peak_rss_gb', float('nan')
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return 'memory_gb', getattr(torch, self.type).max_memory_allocated() / 2 ** 30
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if resource else float('nan')
         return 'peak_rss_gb', peak * (1 if sys.platform == 'darwin' else 1024) / 2 ** 30
 
-    def all_reduce(self, tensor):
-        """Sum `tensor` over all processes, in place."""
+    def all_reduce(self, tensor):                   # a sum over all processes, in place
         if self.distributed:
             torch.distributed.all_reduce(tensor)
         return tensor

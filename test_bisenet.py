@@ -1834,7 +1834,7 @@ def test_train_with_a_cache_says_where_and_how_large(data, tmp_path):
         == written * entry
     note = datalib.Cityscapes(data, 'train', cache_dir=tmp_path / 'cache').cache_note
     assert f'8 images, {8 * entry / 1e6:.2f} MB ({(8 - written) * entry / 1e6:.2f} MB still' in note
-    assert runtime.size_text(25.1e9) == '25.1 GB'
+    assert datalib.size_text(25.1e9) == '25.1 GB'
 
 
 

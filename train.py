@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime import OutputError, Runtime, SetupError, fail, make_dir, one_line, physical_memory, save_bytes, size_text, write_failure  # first: it checks that this torch can run next to this NumPy before torch loads
+from runtime import Runtime, SetupError, fail, one_line  # first: NumPy against torch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -48,6 +48,7 @@ except ImportError:
 
 import bisenet  # noqa: E402
 import data  # noqa: E402
+from data import OutputError, make_dir, save_bytes, size_text, write_failure  # noqa: E402
 from eval import evaluate, format_table, metrics_record  # noqa: E402
 
 
@@ -607,6 +608,14 @@ def parse_args(argv=None):
     if args.opt_level in ('O1', 'O2', 'O3'):
         args.amp = True
     return args
+
+
+def physical_memory():
+    """This machine's memory in bytes, or None where it cannot be read."""
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def check_args(args):

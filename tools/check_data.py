@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the project, from anywhere
-from runtime import SetupError, all_cores, fail  # noqa: E402 first: it checks that this torch can run next to this NumPy
+from runtime import SetupError, fail  # noqa: E402  first: NumPy against torch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
+from data import all_cores  # noqa: E402
 import eval as evaluation  # noqa: E402
 
 

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the project, from anywhere
-from runtime import Runtime, SetupError, one_line, output_file, save_bytes  # noqa: E402 first: it checks that this torch can run next to this NumPy
+from runtime import Runtime, SetupError, one_line  # noqa: E402  first: NumPy against torch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -25,6 +25,7 @@ import torch.nn as nn  # noqa: E402
 import bisenet  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
+from data import output_file, save_bytes  # noqa: E402
 from run_onnx import import_onnx, onnx_session  # noqa: E402
 
 CALIBRATION_IMAGES = 32                             # --int8's default: a few dozen suffice
@@ -269,6 +270,7 @@ def get_args_parser():
     parser.add_argument('--threads', type=int, help='CPU threads (default all cores)')
     parser.add_argument('--trust-pickle', action='store_true',
                         help='load a checkpoint that holds pickled objects (runs its code)')
+    parser.set_defaults(amp=False, amp_dtype='fp16', device_list=None)
     return parser
 
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import zipfile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the project, from anywhere
-from runtime import SetupError, all_cores, one_line  # noqa: E402 first: it checks that this torch can run next to this NumPy
+from runtime import SetupError, one_line  # noqa: E402  first: NumPy against torch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import bisenet  # noqa: E402
 import data  # noqa: E402
+from data import all_cores  # noqa: E402
 import eval as evaluation  # noqa: E402
 
 
@@ -143,7 +144,8 @@ def get_args_parser():
     parser.add_argument('--threads', type=int, help='CPU threads (default all cores)')
     parser.add_argument('--workers', type=int, default=4, help='data loading processes')
     parser.add_argument('--cache-dir', help='read images through train.py\'s decoded cache')
-    parser.set_defaults(prof_test=False, prof_dir=None)
+    parser.set_defaults(prof_test=False, prof_dir=None, amp=False, amp_dtype='fp16',
+                        device_list=None)
     return parser
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the project, from anywhere
-from runtime import OutputError, SetupError, fail, write_failure  # noqa: E402 first: it checks that this torch can run next to this NumPy
+from runtime import SetupError, fail  # noqa: E402  first: NumPy against torch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -30,6 +30,7 @@ from PIL import Image  # noqa: E402
 import bisenet  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
+from data import OutputError, write_failure  # noqa: E402
 
 VIDEO_SUFFIXES = ('.mp4', '.mkv', '.mov', '.avi', '.webm', '.m4v', '.mpg', '.mpeg', '.ts',
                   '.flv', '.wmv', '.3gp')
@@ -266,7 +267,7 @@ def segment_video(av, model, path, name, runtime, mode='whole', aug_test=False, 
         outputs = VideoOutputs(av, video, audio, name, out_dir, show_dir, model.classes,
                                model.palette, log)
         frames, pts, problem, pending = 0, None, None, collections.deque()
-        progress = evaluation.Progress(f'[video] {name}', total, None, log, unit='frames')
+        progress = evaluation.Progress(f'[video] {name}', total, 1, log, unit='frames')
         try:
             try:
                 for item in read_ahead(decoded_frames(av, container, video, audio, scale),
