@@ -23,11 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------
-# The model, in the paper's order: ResNet, Spatial Path, ARM, Context Path, FFM, heads
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- The model, in the paper's order: ResNet, Spatial Path, ARM, Context Path, FFM, heads ----
 class ConvBNReLU(nn.Module):
     """Conv2d (no bias) -> BatchNorm -> optional ReLU: mmcv's ConvModule, with its names."""
 
@@ -85,6 +81,7 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         out += identity
         return self.relu(out)
+
 
 RESNETS = {'resnet18': (BasicBlock, (2, 2, 2, 2)), 'resnet50': (Bottleneck, (3, 4, 6, 3))}
 
@@ -285,14 +282,10 @@ def fold_batchnorm(model):
     return model
 
 
-# ----------------------------------------------------------------------------------------------
-# What the outputs mean: class names and colours
-# ----------------------------------------------------------------------------------------------
-
+# ---- What the outputs mean: class names and colours ------------------------------------------
 CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light',
            'traffic sign', 'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck',
            'bus', 'train', 'motorcycle', 'bicycle')
-
 PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
            (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
            (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
@@ -327,11 +320,7 @@ def class_meta(num_classes, classes=None, palette=None):
     return classes, tuple(tuple(int(v) for v in colour) for colour in palette)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: this project's and mmsegmentation's
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- Checkpoints: this project's and mmsegmentation's ----------------------------------------
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
@@ -381,6 +370,15 @@ def read_state_dict(path, trust_pickle=False):
     return state_dict_of(load_file(path, trust_pickle), path)
 
 
+def read_resumable(path):
+    """A checkpoint train.py can continue (model, optimizer, iteration), or CheckpointError."""
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict) or 'optimizer' not in ckpt or 'iteration' not in ckpt:
+        raise CheckpointError(f'{path} is not a train.py checkpoint to resume (use --load-from '
+                              f'for weights only)')
+    return ckpt
+
+
 def classes_of(ckpt):
     """(class names, palette) a loaded checkpoint records, each None where it records none:
     meta.dataset_meta.classes / .palette, as ours and mmsegmentation 1.x write them, or
@@ -417,6 +415,7 @@ def config_from_state_dict(state_dict, path='it'):
                               f'decode_head.conv_seg.weight')
     deep = 'backbone.context_path.backbone.layer1.0.conv3.weight' in state_dict
     return ('resnet50' if deep else 'resnet18'), head.shape[0]
+
 
 CLASSIFIERS = ('decode_head.conv_seg.', 'auxiliary_head.0.conv_seg.', 'auxiliary_head.1.conv_seg.')
 
@@ -508,7 +507,8 @@ def self_check():
             train_shapes = [tuple(o.shape) for o in model.train()(x)]
             eval_shape = tuple(model.eval()(x).shape)
         print(f'BiSeNetV1 {backbone}: {total:,} parameters ({total - heads:,} without the '
-              f'auxiliary heads); input {tuple(x.shape)} -> train {train_shapes}, eval {eval_shape}')
+              f'auxiliary heads); input {tuple(x.shape)} -> train {train_shapes}, eval '
+              f'{eval_shape}')
 
 
 if __name__ == '__main__':

@@ -1,13 +1,9 @@
-"""The data train.py and eval.py read: Cityscapes (raw labelIds mapped to train ids on the fly),
-a data set of your own (classes.txt, images/, labels/), PASCAL VOC, ADE20K, CVAT exports and
-split lists; every label checked as it loads; the reference's training augmentation; a cache
-of decoded images; a synthetic Cityscapes-layout set for demos and tests.
+"""The data: Cityscapes (raw labelIds mapped to train ids as they load) first, from files to
+augmented batches; then data sets of your own (classes.txt, images/, labels/), PASCAL VOC,
+ADE20K, CVAT exports and split lists; a cache of decoded images; a synthetic set for demos.
 
     train = data.SegmentationDataset('data/cityscapes', 'train', data.TrainTransform((1024, 1024)))
     image, label = data.SegmentationDataset('data/cityscapes', 'val')[0]   # RGB, train ids
-
-Cityscapes' path from files to batches comes first, then the other layouts, the cache and the
-synthetic set. `python tools/check_data.py ROOT` looks at every image and label of a folder.
 """
 import collections
 import concurrent.futures
@@ -33,15 +29,10 @@ from PIL import Image, ImageOps  # noqa: E402
 from bisenet import CLASSES, PALETTE, default_palette  # noqa: E402
 
 
-# ----------------------------------------------------------------------------------------------
-# Errors in a data set folder
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- Errors in a data set folder -------------------------------------------------------------
 class DatasetError(ValueError):
-    """A data set folder that cannot be used as it is. A label's problem also says its `kind`,
-    what the check groups files by (('value', V) or ('colour', (R, G, B))), `bad`: how many of
-    its pixels are, of how many, and the label's histogram of train ids (`counts`)."""
+    """A data set that cannot be used as it is; a label's also says its `kind` (('value', V) or
+    ('colour', (R, G, B))), its `bad` pixels (of how many) and its histogram (`counts`)."""
 
     def __init__(self, message, kind=None, bad=(0, 0), counts=None):
         super().__init__(message)
@@ -52,15 +43,11 @@ def more(problems, root):
     """What follows the first of several problems in a one-line error."""
     if len(problems) == 1:
         return ''
-    return (f' (and {len(problems) - 1} more problems: python bisenet.py --check-data {root} '
-            f'lists them all)')
+    return (f' (and {len(problems) - 1} more problems: python tools/check_data.py {root} lists '
+            f'them all)')
 
 
-# ----------------------------------------------------------------------------------------------
-# Folders and files: made before any work, written whole or not at all
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- Folders and files: made before any work, written whole or not at all --------------------
 class OutputError(SetupError):
     """A file that cannot be written (a full disk, a read-only folder)."""
 
@@ -130,6 +117,15 @@ def save_bytes(path, data):
         Path(tmp).write_bytes(data)
 
 
+def tensor_bytes(state):
+    """The bytes of the tensors in a checkpoint's nested dicts and lists."""
+    if isinstance(state, dict):
+        state = list(state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(map(tensor_bytes, state))
+    return state.numel() * state.element_size() if torch.is_tensor(state) else 0
+
+
 def image_bytes(image, format='PNG'):
     """A PIL image encoded in memory, for save_bytes."""
     buffer = io.BytesIO()
@@ -141,40 +137,24 @@ def all_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
-# ----------------------------------------------------------------------------------------------
-# Cityscapes: raw label ids and train ids
-# ----------------------------------------------------------------------------------------------
-
+# ---- Cityscapes: raw label ids and train ids -------------------------------------------------
 LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
-
 IGNORE_INDEX = 255
-
 MEAN = (123.675, 116.28, 103.53)   # ImageNet RGB statistics, as the reference normalises
-
 STD = (58.395, 57.12, 57.375)
-
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
-
 EXIF_ORIENTATION = 0x0112
-
 # What Pillow raises for a file it cannot read: damaged, not an image, or a decompression bomb.
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def train_id_table():
-    """256-entry lookup from raw Cityscapes label id to train id (255 for every other id)."""
-    table = np.full(256, IGNORE_INDEX, np.uint8)
-    table[list(LABEL_IDS)] = np.arange(len(LABEL_IDS))
-    return table
-
-TRAIN_IDS = train_id_table()
-
+TRAIN_IDS = np.full(256, IGNORE_INDEX, np.uint8)         # raw label id -> train id (or 255)
+TRAIN_IDS[list(LABEL_IDS)] = np.arange(len(LABEL_IDS))
 TRAIN_IDS_LIST = TRAIN_IDS.tolist()      # the form PIL's Image.point takes
 
 
 def lookup_table(values, fill=0):
-    """A 256-entry uint8 table that maps i to values[i], and every i past them to `fill`:
-    train ids to colours ((256, 3)) or to Cityscapes label ids, label ids to train ids."""
+    """A 256-entry uint8 table of `values`, `fill` past them (train ids to colours or ids)."""
     values = np.asarray(values, np.uint8)
     table = np.full((256,) + values.shape[1:], fill, np.uint8)
     table[:len(values)] = values
@@ -182,35 +162,26 @@ def lookup_table(values, fill=0):
 
 
 def cityscapes_label_ids(classes):
-    """Cityscapes' raw label id of each train id, for a model of Cityscapes' classes: what its
-    evaluation scripts and benchmark server read in a label map; None for any other classes."""
+    """Each train id's raw Cityscapes label id (what its benchmark reads); None for others."""
     return LABEL_IDS if tuple(classes) == CLASSES else None
+
 
 ClassList = collections.namedtuple('ClassList',
                                    'names palette ignore_colours all_coloured id_table')
-
-ClassList.__doc__ = """What a data set's labels mean: the class names in train-id order, their
-colours, the colours of ignored pixels, whether every class has a colour of its own (what
-reading colour labels needs), and the id table of its index labels (None: the values are the
-train ids)."""
-
+ClassList.__doc__ = """What labels mean: names in train-id order, colours, ignored colours,
+whether every class has a colour (to read colour labels), and the index labels' id table."""
 CITYSCAPES = ClassList(CLASSES, PALETTE, (), True, None)
 
 
-# ----------------------------------------------------------------------------------------------
-# A data set folder: where a split's images and labels are, and what the labels mean
-# ----------------------------------------------------------------------------------------------
-
+# ---- A data set folder: where a split's images and labels are, and what the labels mean ------
 Sample = collections.namedtuple('Sample', 'image label id_table')
-
-Sample.__doc__ = """One image file and its label file; id_table (256 entries, for Image.point)
-turns the label's values into train ids, or is None where they are train ids already."""
+Sample.__doc__ = """An image file, its label file, and the table (None: none) that turns the
+label's values into train ids."""
 
 
 def files_below(folder, suffix=''):
-    """Every file below `folder` whose name ends in `suffix`, sorted, symlinked folders
-    followed (data sets are often laid out by links; Path.rglob does not follow them), each
-    real folder once."""
+    """Every file below `folder` ending in `suffix`, sorted; symlinked folders followed (data
+    sets are often laid out by links), each real folder once."""
     found, seen = [], set()
     for top, folders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -223,10 +194,8 @@ def files_below(folder, suffix=''):
 
 
 def cityscapes_files(layout, split):
-    """Cityscapes: ROOT/leftImg8bit/SPLIT/[CITY/]NAME_leftImg8bit.png beside
-    ROOT/gtFine/SPLIT/[CITY/]NAME_gtFine_labelIds.png (raw ids, mapped to train ids as they
-    load) or NAME_gtFine_labelTrainIds.png. City folders are optional (the Ascend port's flat
-    layout). Returns what pair_up takes."""
+    """Cityscapes: leftImg8bit/SPLIT/[CITY/]NAME_leftImg8bit.png beside gtFine/SPLIT/[CITY/]
+    NAME_gtFine_labelIds.png (raw ids) or _labelTrainIds.png; what pair_up takes."""
     image_dir = layout.root / 'leftImg8bit' / split
     label_dir = layout.root / 'gtFine' / split
     for folder in (image_dir, label_dir):
@@ -248,10 +217,8 @@ def cityscapes_files(layout, split):
 
 
 def pair_up(images, labels, expected_label, expected_image, problems):
-    """A split's samples from a layout's files: images {name: path}, labels {name: (path, id
-    table)}, where a missing label or image of a name is expected, and the problems found so
-    far. Returns (samples, their names, every problem): an image without its label, a label
-    without its image, a JPEG label."""
+    """(samples, their names, every problem) of a split: images {name: path}, labels {name:
+    (path, id table)}, where a missing one is expected, and the problems so far."""
     samples, names = [], []
     for name, image in images.items():
         if name not in labels:
@@ -270,12 +237,8 @@ def pair_up(images, labels, expected_label, expected_image, problems):
 
 
 class Layout:
-    """A data set folder: which layout it has (cityscapes_files or own_files says where a
-    split's files are), what its labels mean (ClassList: Cityscapes' classes, or classes.txt's)
-    and how a label file becomes train ids (read_label). A label is an index image (mode L or
-    P: the value, a palette PNG's index, is the train id, or with an id table maps to one; 255
-    = ignore) or an RGB image in classes.txt's colours.
-    """
+    """A data set folder: its layout (where a split's files are), what its labels mean and how
+    a label becomes train ids: an index image (L or P; 255: ignore) or colours (RGB)."""
 
     SPLIT_ALIASES = {'train': 'training', 'val': 'validation'}
 
@@ -324,18 +287,13 @@ class Layout:
         return next((c for c in candidates if c.is_dir()), candidates[0])
 
     def find(self, split):
-        """A split's samples (Sample), the names its outputs are written under, and the
-        problems of pairing its images and labels up."""
+        """(samples, their output names, the problems pairing them up) of a split."""
         files = cityscapes_files if self.cityscapes else voc_files if self.voc else own_files
         return pair_up(*files(self, split))
 
     def read_label(self, path, id_table=None, pixels=True):
-        """A label file as train ids, a PIL image of mode L (or P: its indices), and their
-        histogram (256 counts). Index labels hold train ids, or with `id_table` ids to map
-        (Cityscapes' labelIds); RGB labels are read by classes.txt's colours. Anything that
-        is neither a class nor 255 raises DatasetError naming the file. With pixels=False only
-        the histogram is made, at about a decode's cost, and the label comes back as stored
-        (its size is right, its values need not be ids): what a check needs."""
+        """(train ids, a PIL L or P image; their histogram) of a label file; a value that is no
+        class nor 255 is DatasetError. pixels=False: the histogram only, the label as stored."""
         try:
             label = Image.open(path)
             label.load()
@@ -384,8 +342,7 @@ class Layout:
                                f'every class a colour: add R G B after each name, or save labels '
                                f'as index PNGs (mode L or P)')
         rgb = label if label.mode == 'RGB' else label.convert('RGB')
-        # Without pixels, Pillow counts the colours (a hash table in C, fast); with them, or
-        # where a label has too many colours to list, every pixel goes through colour_table.
+        # Without pixels Pillow counts the colours (fast); else each pixel goes through a table.
         colours = None if pixels else rgb.getcolors(maxcolors=1024)
         if colours is None:
             # Each pixel's three bytes, read as one little-endian number: R | G << 8 | B << 16.
@@ -424,22 +381,17 @@ class Layout:
         return ids, counts
 
 
-# ----------------------------------------------------------------------------------------------
-# The one reader of a sample, and its checks
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- The one reader of a sample, and its checks ----------------------------------------------
 def exif_orientation(image):
-    """The EXIF orientation of an opened image file (1: as stored), from its header: a PNG that
-    keeps its EXIF after the pixels counts as unturned, since finding it there means decoding."""
+    """An opened file's EXIF orientation from its header (1: as stored; a PNG's trailing EXIF:
+    1, since finding it means decoding)."""
     if image.format == 'PNG' and 'exif' not in image.info:
         return 1
     return image.getexif().get(EXIF_ORIENTATION, 1)
 
 
 def image_header(path):
-    """(size, stored size) of an image file, from its header: the size its EXIF orientation
-    turns it to, and the size it is stored in."""
+    """(size as its EXIF orientation turns it, size as stored) of an image, from its header."""
     try:
         with Image.open(path) as image:
             stored_size = image.size
@@ -450,8 +402,7 @@ def image_header(path):
 
 
 def open_image(path):
-    """An image file as RGB, turned as its EXIF orientation says (as cv2 loads it for the
-    reference); also the size it has before that turn."""
+    """(an image file as RGB, turned by its EXIF orientation as cv2 reads it; its stored size)."""
     image = Image.open(path)
     stored_size = image.size
     if exif_orientation(image) != 1:
@@ -464,25 +415,9 @@ def open_image(path):
     return (image if image.mode == 'RGB' else image.convert('RGB')), stored_size
 
 
-def size_problem(image_path, size, stored_size, label_path, label_size):
-    """Why an image and its label do not fit together, or None."""
-    if size == label_size:
-        return None
-    problem = f'{image_path} is {size[0]}x{size[1]} but its label {label_path} is ' \
-              f'{label_size[0]}x{label_size[1]}'
-    if label_size == stored_size:
-        problem += (': the sizes match only without the image\'s EXIF rotation, so the label was '
-                    'drawn on the unrotated image; rotate the label too, or save the image '
-                    'without its EXIF orientation')
-    return problem
-
-
 def read_sample(layout, sample, pixels=True):
-    """The image and label of a Sample, checked; what the check, the data set and its cache
-    read. With pixels: (RGB image, train-id label (PIL, L), the label's histogram of train
-    ids). Without: (the image's size from its header, the label as stored, the histogram), at
-    about a decode of the label's cost. Raises DatasetError naming the file: unreadable, a
-    value or colour that is no class, an image and label of different sizes."""
+    """(RGB image, train-id label (PIL), histogram) of a Sample, checked: the one reader. With
+    pixels=False: the image's size from its header and the label as stored, at a decode's cost."""
     image_path, label_path, id_table = sample
     if pixels:
         try:
@@ -494,30 +429,21 @@ def read_sample(layout, sample, pixels=True):
         size, stored_size = image_header(image_path)
         image = size
     label, counts = layout.read_label(label_path, id_table, pixels)
-    problem = size_problem(image_path, size, stored_size, label_path, label.size)
-    if problem:
-        raise DatasetError(problem)
+    if size != label.size:
+        rotated = (': the sizes match only without the image\'s EXIF rotation, so the label was '
+                   'drawn on the unrotated image; rotate the label too, or save the image '
+                   'without its EXIF orientation') if label.size == stored_size else ''
+        raise DatasetError(f'{image_path} is {size[0]}x{size[1]} but its label {label_path} is '
+                           f'{label.width}x{label.height}{rotated}')
     return image, label, counts
 
 
-# ----------------------------------------------------------------------------------------------
-# The data set and the sampler
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- The data set and the sampler ------------------------------------------------------------
 class SegmentationDataset(torch.utils.data.Dataset):
-    """One split of a data set folder (Layout): images with their labels as train ids
-    (0 to C-1, 255 = ignore), C = len(classes); `classes` and `palette` name and colour them.
-
-    Without a transform an item is (RGB uint8 array (H, W, 3), train-id uint8 array (H, W)).
-    With one it is transform(image, label, rng); the key may be an int, or (index, rng_key) from
-    InfiniteSampler so that the sample's randomness is fixed by its place in the stream.
-    A label value that is not a class, an unlisted colour or a size mismatch raises
-    DatasetError naming the file when the sample is read (survey() finds them up front).
-    With cache_dir, each sample is decoded once into a DecodedCache there (CACHE_DIR/SPLIT) and
-    memory-mapped after; the transforms give the same samples either way. `cache_note` says
-    where the cache is and how large, or why it is not used (too little free space).
-    """
+    """A split of a data set folder: (RGB uint8 (H, W, 3), train ids uint8 (H, W)) items, or
+    transform(image, label, rng); a key is an index, or (index, rng_key) from InfiniteSampler,
+    so that a sample's randomness follows its place in the stream. With cache_dir, samples are
+    decoded once into a DecodedCache; `cache_note` says where and how large."""
 
     def __init__(self, root, split='train', transform=None, cache_dir=None):
         self.layout = Layout(root)
@@ -535,8 +461,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def sources(self, index):
-        """The files sample `index` is decoded from; classes.txt too, since it gives colours
-        their train ids."""
+        """The files sample `index` is decoded from (classes.txt too: it maps colours)."""
         sample, classes_file = self.samples[index], self.layout.classes_file
         return (sample.image, sample.label) + ((classes_file,) if classes_file else ())
 
@@ -545,13 +470,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         total = missing = 0
         for index, sample in enumerate(self.samples):
             entry = self.cache.read(self.name(index), *self.sources(index))
-            if entry is None:
-                width, height = image_header(sample.image)[1]
-                size = DecodedCache.HEADER + height * width * 4
-                missing += size
-            else:
-                size = DecodedCache.HEADER + entry[1].size * 4
-            total += size
+            pixels = np.prod(image_header(sample.image)[1]) if entry is None else entry[1].size
+            total += DecodedCache.HEADER + pixels * 4
+            missing += (DecodedCache.HEADER + pixels * 4) * (entry is None)
         folder, free = self.cache.folder, shutil.disk_usage(self.cache.folder).free
         if missing > free - 2 ** 30:                      # leave the disk a GiB of room
             self.cache = None
@@ -561,9 +482,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 f'({size_text(missing)} still to write, as each image is first used)')
 
     def load(self, index):
-        """The RGB image and train-id label of sample `index`: views of its memory-mapped cache
-        entry (H, W, 3) and (H, W), which the transforms read region by region; without a cache,
-        PIL images (RGB; L or P) as decoded."""
+        """(RGB image, train-id label) of sample `index`: views of its memory-mapped cache entry,
+        which the transforms read region by region, or without a cache PIL images."""
         if self.cache is None:
             return self.decode(index)
         name, sources = self.name(index), self.sources(index)
@@ -573,7 +493,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return entry
 
     def decode(self, index):
-        """The PIL image (RGB) and label (train ids) of sample `index`, from its files."""
         image, label, _ = read_sample(self.layout, self.samples[index])
         return image, label
 
@@ -585,28 +504,24 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return self.transform(image, label, np.random.default_rng(rng_key))
 
     def name(self, index):
-        """The image's path relative to its split folder, without its suffix (Cityscapes:
-        without '_leftImg8bit.png')."""
+        """The image's path below its split folder, without its suffix (or _leftImg8bit.png)."""
         return self.names[index]
+
 
 Cityscapes = SegmentationDataset     # the name scripts know; Cityscapes is one of its layouts
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """The endless, reproducible stream of training samples of one rank.
-
-    The global stream is one seeded permutation of the data set per epoch; rank r takes
-    positions r, r + world_size, ... Each key is (index, (seed, position)), so a sample's
-    augmentation depends only on the seed and its place in the stream: the same with any number
-    of DataLoader workers, and after a resume that starts at `start` (samples already taken).
-    """
+    """One rank's endless training stream: a seeded permutation per epoch, of which rank r takes
+    positions r, r + world_size, ...; keys (index, (seed, position)) make each sample's
+    augmentation depend on its place alone, with any worker count and after a resume (`start`)."""
 
     def __init__(self, size, seed=0, rank=0, world_size=1, start=0):
-        self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.start = start
 
     def __iter__(self):
-        epoch, order = -1, None
-        step = self.start
+        epoch, order, step = -1, None, self.start
         while True:
             position = step * self.world_size + self.rank
             if position // self.size != epoch:
@@ -616,11 +531,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
             step += 1
 
 
-# ----------------------------------------------------------------------------------------------
-# The reference's augmentation: rescale, crop, flip, then on the device the photometric distortion
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- The reference's augmentation: rescale, crop, flip; on the device, distortion ------------
 def parse_crop_size(values):
     """The --crop-size flag's values as (h, w): one value S means S x S, two are H W."""
     if len(values) not in (1, 2) or min(values) <= 0:
@@ -630,8 +541,7 @@ def parse_crop_size(values):
 
 
 def accept_crop(label, cat_max_ratio=0.75):
-    """The reference's crop rule: more than one class, and none (ignore aside) covering
-    `cat_max_ratio` or more of the labelled pixels."""
+    """The reference's crop rule: more than one class, none covering `cat_max_ratio` or more."""
     if isinstance(label, Image.Image):
         counts = np.array(label.histogram())[:IGNORE_INDEX]         # PIL's, without a copy
     else:
@@ -646,8 +556,7 @@ def image_size(image):
 
 
 def region(image, box):
-    """The pixels (x1, y1, x2, y2) of a PIL image or of a (memory-mapped) array, as a PIL
-    image; from an array only those rows and columns are read."""
+    """The box (x1, y1, x2, y2) of a PIL image or a memory-mapped array (reading only it)."""
     if isinstance(image, Image.Image):
         return image.crop(box)
     x1, y1, x2, y2 = box
@@ -655,10 +564,8 @@ def region(image, box):
 
 
 def rescale_crop(image, size, scaled_size, box, resample):
-    """Rescale `image` (PIL or array) from `size` (w, h) to `scaled_size` as cv2.resize does, then
-    crop `box` (x1, y1, x2, y2) of the result (the whole box: the whole rescaled image). Only the
-    source pixels the crop samples are read (plus the filters' reach of two), the same way from
-    a decoded image and from a memory-mapped cache entry; a PIL image comes back."""
+    """`box` of `image` (PIL or array) rescaled from `size` to `scaled_size` as cv2.resize
+    does, as a PIL image: only the source pixels the crop samples are read (and two around)."""
     (w, h), (scaled_w, scaled_h), (x1, y1, x2, y2) = size, scaled_size, box
     sx, sy = w / scaled_w, h / scaled_h
     left, top = max(int(x1 * sx) - 2, 0), max(int(y1 * sy) - 2, 0)
@@ -676,8 +583,7 @@ def rescale_crop(image, size, scaled_size, box, resample):
 
 
 def pixels(image):
-    """The pixels of a PIL image or an array as a uint8 tensor, with one copy (np.asarray's
-    is read-only, and a memory map's belongs to the file)."""
+    """A PIL image or an array as a uint8 tensor, copied once (np.asarray's is read-only)."""
     if not isinstance(image, Image.Image):
         return torch.from_numpy(np.array(image))
     array = np.frombuffer(bytearray(image.tobytes()), np.uint8)
@@ -685,9 +591,8 @@ def pixels(image):
 
 
 def pad_to(image, label, size):
-    """Image and label (PIL or arrays) -> uint8 (3, h, w) and uint8 (h, w) tensors, padded
-    bottom-right to `size` with 0 and 255 (the reference pads after normalising, so 0 there
-    is 0 after)."""
+    """uint8 (3, h, w) and (h, w) tensors, padded bottom-right to `size` with 0 and 255 (the
+    reference pads after normalising: 0 there is 0 after)."""
     image, label = pixels(image).permute(2, 0, 1), pixels(label)
     if tuple(label.shape) == tuple(size):
         return image, label
@@ -699,9 +604,8 @@ def pad_to(image, label, size):
 
 
 def photometric_params(rng, valid_size):
-    """One sample's photometric distortion, drawn as the reference draws it: each step with
-    probability 0.5; hue deltas are integers in [-18, 18) as numpy's randint gives. float32,
-    the precision they are applied in, so that a batch of them is one pinned float32 copy."""
+    """One sample's photometric distortion, drawn as the reference draws it (each step with p
+    0.5, hue an integer in [-18, 18)), as float32: a batch of them is one pinned copy."""
     def coin():
         return rng.random() < 0.5
     draws = {
@@ -722,8 +626,7 @@ def to_uint8(x):
 
 @functools.lru_cache(maxsize=None)
 def device_constants(device):
-    """The data pipeline's constants on `device`, made once per device: a tensor built from
-    Python numbers is a blocking host-to-device copy, which every iteration would pay."""
+    """The pipeline's constants, made once per device (from Python numbers: a blocking copy)."""
     return {
         'mean': torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
         'std': torch.tensor(STD, device=device).view(1, 3, 1, 1),
@@ -763,15 +666,10 @@ def hsv_to_rgb(hsv):
 
 
 def distort_and_normalize(images, params):
-    """Photometric distortion, normalisation and zero padding of a uint8 RGB batch (N, 3, H, W),
-    on whatever device it lives; `params` is the collated photometric_params of its samples, on
-    the CPU (pinned by the DataLoader on an accelerator).
-
-    Each step reproduces the reference's uint8 arithmetic: brightness (+delta), contrast (xalpha,
-    first or last), saturation (xalpha in HSV), hue (shift on the 0-180 scale), rounding to uint8
-    after each, then (x - MEAN) / STD, then 0 outside each sample's unpadded size. Nothing here
-    waits for the device: the copies do not block and decisions read the CPU-side parameters.
-    """
+    """Photometric distortion, normalisation and zero padding of a uint8 RGB batch on its device,
+    by the collated photometric_params (on the CPU, pinned): brightness, contrast (first or last),
+    saturation and hue, rounded to uint8 after each step as the reference. Nothing waits for
+    the device: the copies do not block, and decisions read the CPU-side parameters."""
     def column(name):
         return params[name].to(images.device, non_blocking=True).view(-1, 1, 1, 1)
     x = images.float()
@@ -784,7 +682,8 @@ def distort_and_normalize(images, params):
         saturated = torch.cat([hsv[:, :1], to_uint8(hsv[:, 1:2] * saturation), hsv[:, 2:]], 1)
         x = torch.where(saturation > 0, hsv_to_rgb(saturated), x)
         hsv = rgb_to_hsv(x)
-        shifted = torch.cat([torch.remainder(hsv[:, :1] + torch.nan_to_num(hue), 180), hsv[:, 1:]], 1)
+        hue_shifted = torch.remainder(hsv[:, :1] + torch.nan_to_num(hue), 180)
+        shifted = torch.cat([hue_shifted, hsv[:, 1:]], 1)
         x = torch.where(hue.isnan(), x, hsv_to_rgb(shifted))
     x = torch.where(contrast_first, x, to_uint8(x * contrast))
     x = normalize(x)
@@ -795,19 +694,11 @@ def distort_and_normalize(images, params):
 
 
 class TrainTransform:
-    """The reference's training augmentation, step for step.
-
-    1. rescale by a ratio drawn in `ratio_range` of the image's own size (image bilinear, label
-       nearest); 2. a random `crop_size` (h, w) crop, re-drawn up to 10 times until accept_crop;
-    3. horizontal flip with p 0.5; 4. photometric distortion; 5. normalisation; 6. padding to the
-    crop size (image 0, label 255). Only the crop region is ever resized: that is what makes this
-    cheaper than the reference, which rescales the whole image.
-
-    Returns (image float32 (3, h, w) normalised, label int64 (h, w)); with on_device=True steps
-    4-6 are left to distort_and_normalize() on the accelerator, batched, and it returns
-    (image uint8 (3, h, w), label uint8 (h, w), params): the sample's distortion parameters,
-    drawn here. uint8 labels are an eighth of the bytes to pin and copy; .long() on the device.
-    """
+    """The reference's augmentation: rescale by a ratio in `ratio_range` (image bilinear, label
+    nearest), a `crop_size` crop re-drawn up to 10 times until accept_crop, a flip with p 0.5,
+    photometric distortion, normalisation, padding; only the crop region is ever resized.
+    Returns (float32 image, int64 label); on_device: (uint8 image, uint8 label, params), the
+    distortion left to distort_and_normalize on the accelerator, batched."""
 
     def __init__(self, crop_size=(1024, 1024), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
                  on_device=False):
@@ -849,8 +740,7 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """The whole image, normalised (float32 (3, H, W)), and its label (int64 (H, W)); with
-    on_device=True both stay uint8 for normalize() and .long() on the accelerator."""
+    """The whole image normalised, its label int64; on_device: both uint8, for the device."""
 
     def __init__(self, on_device=False):
         self.on_device = on_device
@@ -864,9 +754,8 @@ class EvalTransform:
 
 
 def padding_share(sizes, crop_size, ratio_range=(0.5, 2.0), steps=64):
-    """The share of a training crop that is padding (ignored), on average over images of these
-    (w, h) sizes and the rescale ratios TrainTransform draws: a crop larger than the rescaled
-    image is filled with ignored pixels."""
+    """The mean share of a training crop that is padding, over images of these (w, h) sizes and
+    the rescale ratios TrainTransform draws."""
     crop_h, crop_w = crop_size
     ratios = ratio_range[0] + (np.arange(steps) + 0.5) / steps * (ratio_range[1] - ratio_range[0])
     sizes = np.array(sizes, np.float64)[:, None, :]
@@ -876,13 +765,9 @@ def padding_share(sizes, crop_size, ratio_range=(0.5, 2.0), steps=64):
     return float(1 - covered.mean())
 
 
-# ----------------------------------------------------------------------------------------------
-# Other layouts: your own classes.txt, PASCAL VOC, ADE20K, CVAT, split lists
-# ----------------------------------------------------------------------------------------------
-
+# ---- Other layouts: your own classes.txt, PASCAL VOC, ADE20K, CVAT, split lists --------------
 # Index labels that count from 1, 0 ignored (ADE20K; mmsegmentation's reduce_zero_label).
 REDUCE_ZERO_LABEL = [IGNORE_INDEX] + list(range(254)) + [IGNORE_INDEX]
-
 # ADE20K's 150 classes and colours (SceneParsing), as mmsegmentation lists them.
 ADE20K_CLASSES = (
     'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass',
@@ -903,7 +788,6 @@ ADE20K_CLASSES = (
     'dishwasher', 'screen', 'blanket', 'sculpture', 'hood', 'sconce', 'vase', 'traffic light',
     'tray', 'ashcan', 'fan', 'pier', 'crt screen', 'plate', 'monitor', 'bulletin board', 'shower',
     'radiator', 'glass', 'clock', 'flag')
-
 ADE20K_PALETTE = (
     (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80),
     (140, 140, 140), (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7),
@@ -930,30 +814,24 @@ ADE20K_PALETTE = (
     (255, 255, 0), (0, 153, 255), (0, 41, 255), (0, 255, 204), (41, 0, 255), (41, 255, 0),
     (173, 0, 255), (0, 245, 255), (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255),
     (184, 255, 0), (0, 133, 255), (255, 214, 0), (25, 194, 194), (102, 255, 0), (92, 0, 255))
-
 # PASCAL VOC 2012's 21 classes and colours, as mmsegmentation lists them.
 VOC_CLASSES = (
     'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
     'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa',
     'train', 'tvmonitor')
-
 VOC_PALETTE = (
     (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
     (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128),
     (192, 0, 128), (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0),
     (128, 192, 0), (0, 64, 128))
-
 VOC = ClassList(VOC_CLASSES, VOC_PALETTE, (), True, None)
-
 ADE20K = ClassList(ADE20K_CLASSES, ADE20K_PALETTE, (), True, REDUCE_ZERO_LABEL)
 
 
 def read_classes(path):
-    """classes.txt: one class a line, in train-id order, as 'NAME' or 'NAME R G B' (names may
-    hold spaces); 'ignore: [NAME] R G B' names a colour whose pixels are ignored, and
-    'ignore: [NAME] VALUE' an index label value (CamVid's 11, say); a line 'reduce_zero_label'
-    says that index labels count from 1 with 0 ignored (ADE20K, as mmsegmentation's option of
-    that name); lines starting with '#' are comments. Returns a ClassList."""
+    """classes.txt's ClassList: 'NAME [R G B]' a line in train-id order; 'ignore: [NAME] R G B'
+    or 'ignore: [NAME] VALUE' for pixels to ignore; 'reduce_zero_label' for labels counting
+    from 1 (ADE20K); '#' comments."""
     names, colours, ignored, ignored_values, id_table = [], [], [], [], None
     for number, line in enumerate(path.read_text(encoding='utf-8-sig').splitlines(), 1):
         line = line.strip()
@@ -1008,8 +886,7 @@ def read_classes(path):
 
 
 def read_labelmap(path):
-    """CVAT's labelmap.txt ('NAME:R,G,B:PARTS:ACTIONS' a line, '#' comments): a ClassList of
-    colour labels, in the file's order."""
+    """CVAT's labelmap.txt ('NAME:R,G,B:PARTS:ACTIONS' a line): a ClassList of colours."""
     names, colours = [], []
     for number, line in enumerate(path.read_text(encoding='utf-8-sig').splitlines(), 1):
         if not line.strip() or line.lstrip().startswith('#'):
@@ -1028,13 +905,13 @@ def read_labelmap(path):
                            f'CVAT')
     return ClassList(tuple(names), tuple(colours), (), True, None)
 
+
 UNLISTED = 254      # a colour classes.txt does not list (never a class: read_classes takes 254)
 
 
 @functools.lru_cache(maxsize=2)
 def colour_table(palette, ignore_colours):
-    """Lookup from a colour packed as R | G << 8 | B << 16 to its train id (255 for the ignore
-    colours, UNLISTED for any other colour): 16 MB, made once per process."""
+    """Train ids of colours packed as R | G << 8 | B << 16 (ignored: 255, else UNLISTED)."""
     table = np.full(1 << 24, UNLISTED, np.uint8)
     for train_id, (r, g, b) in enumerate(palette):
         table[r | g << 8 | b << 16] = train_id
@@ -1057,17 +934,15 @@ def index_image(label, path):
 
 
 def read_names(path):
-    """The names a split list holds (VOC's ImageSets/Segmentation/SPLIT.txt, splits/SPLIT.txt):
-    one a line, an image's path below its folder with or without its suffix."""
+    """The names of a split list (one a line, an image's path below its folder)."""
     names = [line.strip() for line in path.read_text(encoding='utf-8-sig').splitlines()]
     return [name[:-len(Path(name).suffix)] if Path(name).suffix.lower() in IMAGE_SUFFIXES
             else name for name in names if name and not name.startswith('#')]
 
 
 def own_files(layout, split):
-    """Your own: ROOT/images/SPLIT/**/NAME.{png,jpg,jpeg} beside ROOT/labels/SPLIT/**/NAME.png,
-    the same relative path and stem; ADE20K's names too (annotations/ for labels/, training/
-    and validation/ for train/ and val/). Returns what pair_up takes."""
+    """Your own: images/SPLIT/**/NAME.{png,jpg} beside labels/SPLIT/**/NAME.png (or ADE20K's
+    annotations/training/...), or images/ and labels/ with splits/SPLIT.txt, for pair_up."""
     split_list = layout.root / 'splits' / f'{split}.txt'        # one folder, listed splits
     listed = split_list.is_file()
     if listed:
@@ -1102,13 +977,9 @@ def own_files(layout, split):
 
 
 def voc_files(layout, split):
-    """PASCAL VOC 2012 as unpacked, and CVAT's "Segmentation mask 1.1" export, which has its
-    layout: ROOT/JPEGImages/NAME.jpg and ROOT/SegmentationClass/NAME.png (VOC: palette PNGs
-    whose index is the class, 255 the boundary band; CVAT: colour PNGs in labelmap.txt's
-    colours), the split's names in ROOT/ImageSets/Segmentation/SPLIT.txt. Where present, the
-    augmented set joins train as mmsegmentation's VOC-aug config has it: the names of
-    ImageSets/Segmentation/aug.txt with their labels in SegmentationClassAug/ (named aug/NAME).
-    Returns what pair_up takes."""
+    """PASCAL VOC 2012 and CVAT's "Segmentation mask" export: JPEGImages/NAME.jpg beside
+    SegmentationClass/NAME.png, names in ImageSets/Segmentation/SPLIT.txt; for train also the
+    augmented set (aug.txt, SegmentationClassAug/) as mmsegmentation's VOC-aug. For pair_up."""
     root, lists = layout.root, layout.root / 'ImageSets' / 'Segmentation'
     listed = lists / f'{split}.txt'
     if not listed.is_file():
@@ -1139,16 +1010,10 @@ def voc_files(layout, split):
     return images, labels, expected.get, None, problems
 
 
-# ----------------------------------------------------------------------------------------------
-# Looking at labels before a run: train.py's quick look and the data check
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- Looking at labels before a run: train.py's quick look and the data check ----------------
 def look_at(layout, sample, decode=False):
-    """What a check learns of one sample: (image size, histogram of the label's train ids,
-    None), or (None, the histogram where the label could be read, the problem: (message,
-    kind, bad pixels, the label file); see DatasetError). The image is read from its header
-    only, or with `decode` decoded whole, so that a truncated file is found too."""
+    """(image size, label histogram, None), or (None, histogram, (message, kind, bad pixels,
+    label file)): a sample looked at, the image from its header, or decoded with `decode`."""
     try:
         size, _, counts = read_sample(layout, sample, pixels=False)
         if decode:
@@ -1168,14 +1033,9 @@ def spread(count, limit):
 
 
 def survey(layout, split, samples, limit=None, processes=1, decode=False):
-    """Look at the labels of a split's samples (all of them, or `limit` spread over the split)
-    in `processes` processes, as `python bisenet.py --check-data` and train.py do; with
-    `decode`, as the check does, each image decoded whole too (look_at). Returns a
-    dict: 'looked' (how many), 'sizes' [(w, h)], 'pixels' (counts per train id, 256),
-    'problems' (each one line: what cannot be trained on), 'groups' (the labels with the same
-    stray value or colour: {kind: {'labels', 'bad', 'pixels', 'first': the first one's
-    problem}}), 'ungrouped' (the other
-    problems) and 'warnings' (what can be trained on, but is likely wrong)."""
+    """Look at a split's samples (all, or `limit` spread over it) in `processes` processes:
+    {'looked', 'sizes' [(w, h)], 'pixels' (per train id), 'problems' (one line each),
+    'details' (look_at's problems), 'warnings' (trainable, but likely wrong)}."""
     count = len(samples)
     if limit is not None and limit < count:
         samples = [samples[i] for i in spread(count, limit)]
@@ -1194,22 +1054,15 @@ def survey(layout, split, samples, limit=None, processes=1, decode=False):
                              f'likely for memory): run again, or with fewer --workers') from None
     else:
         results = [work(sample) for sample in samples]
-    pixels, sizes, problems, groups, ungrouped = np.zeros(256, np.int64), [], [], {}, []
+    pixels, sizes, details = np.zeros(256, np.int64), [], []
     for size, counts, problem in results:
         if counts is not None:              # also a label with a stray value or colour
             pixels += counts
         if problem is None:
             sizes.append(size)
-            continue
-        problems.append(problem[0])
-        if problem[1] is None:
-            ungrouped.append(problem[0])
         else:
-            group = groups.setdefault(problem[1], {'labels': [], 'bad': 0, 'pixels': 0,
-                                                   'first': problem[0]})
-            group['labels'].append(problem[3])
-            group['bad'] += problem[2][0]
-            group['pixels'] += problem[2][1]
+            details.append(problem)
+    problems = [problem[0] for problem in details]
     warnings_, classes = [], layout.classes
     seen = set(np.flatnonzero(pixels).tolist())
     looked = f'the {len(samples)} {split} labels looked at' if len(samples) < count \
@@ -1221,32 +1074,22 @@ def survey(layout, split, samples, limit=None, processes=1, decode=False):
         problems.append(f'{looked} hold only the values 0 and 255, but 255 means "ignore": '
                         f'{names} would never be learnt; save masks with 1 for the object (0/1 '
                         f'masks; 255 only for pixels to ignore)')
-        ungrouped.append(problems[-1])
+        details.append((problems[-1], None, None, None))
     elif sizes:
         absent = [name for i, name in enumerate(classes) if not pixels[i]]
         if absent:
             warnings_.append(f'class {", ".join(repr(n) for n in absent)} never occurs in '
                              f'{looked}: the model cannot learn it')
     return {'looked': len(samples), 'sizes': sizes, 'pixels': pixels, 'problems': problems,
-            'groups': groups, 'ungrouped': ungrouped, 'warnings': warnings_}
+            'details': details, 'warnings': warnings_}
 
 
-# ----------------------------------------------------------------------------------------------
-# Decode each image once: the cache
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- Decode each image once: the cache -------------------------------------------------------
 class DecodedCache:
-    """Decode each image once: a sample's RGB pixels (H, W, 3) and train ids (H, W), uint8, in a
-    file of its own under FOLDER, written on first use and memory-mapped after, so that a worker
-    reads only the rows its crop needs and the page cache serves every worker and every process
-    on the host.
-
-    An entry is written to a temporary file and renamed into place: workers and ranks can fill
-    the cache at once, and a kill leaves no half-written entry. Its 4 KiB header names the two
-    source files with their size and modification time; an entry whose sources changed, or whose
-    header or length is wrong (a truncated file), is rebuilt and never read as pixels.
-    """
+    """Each sample's RGB pixels and train ids, uint8, in a file of its own, written on first use
+    (to a temporary name: workers and ranks fill it at once) and memory-mapped after: a worker
+    reads its crop's rows, the page cache serves every process. A 4 KiB header names the source
+    files, sizes and times; a stale or damaged entry is rebuilt, never read as pixels."""
     HEADER = 4096          # a page: the pixels start page-aligned
     MAGIC = b'BiSeNetV1 decoded sample v1\n'
 
@@ -1275,20 +1118,14 @@ class DecodedCache:
             if (meta['sources'] != self.sources(*source_paths)
                     or path.stat().st_size != self.HEADER + height * width * 4):
                 return None
-            pixels = np.memmap(path, np.uint8, 'r', offset=self.HEADER)
-            return self.split(pixels, height, width)
+            pixels = np.memmap(path, np.uint8, 'r', offset=self.HEADER)   # image, then label
+            return (pixels[:height * width * 3].reshape(height, width, 3),
+                    pixels[height * width * 3:].reshape(height, width))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    @staticmethod
-    def split(pixels, height, width):
-        """(image (H, W, 3), label (H, W)) of an entry's pixels: the image, then the label."""
-        return (pixels[:height * width * 3].reshape(height, width, 3),
-                pixels[height * width * 3:].reshape(height, width))
-
     def write(self, name, image, label, *source_paths):
-        """Store one decoded sample (PIL images or arrays); returns it as read() does. A failed
-        write (a full disk) leaves no file behind and costs only the speed of this sample."""
+        """Store a decoded sample and return it; a failed write (a full disk) costs only speed."""
         image, label = np.asarray(image), np.asarray(label)
         meta = {'shape': label.shape, 'sources': self.sources(*source_paths)}
         header = self.MAGIC + json.dumps(meta).encode()
@@ -1308,20 +1145,14 @@ class DecodedCache:
         return image, label
 
 
-# ----------------------------------------------------------------------------------------------
-# A synthetic Cityscapes-layout set, for demos and tests
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- A synthetic Cityscapes-layout set, for demos and tests ----------------------------------
 def synthetic_scene(rng, size=(256, 128)):
-    """A street-like scene: (RGB uint8 (H, W, 3), raw labelIds uint8 (H, W)).
-
-    Bands of sky, building, vegetation, sidewalk and road with objects on them; every class
-    has its official colour plus noise, so colour and layout both teach the network.
-    """
+    """A street-like scene (RGB, raw labelIds): bands of sky, building, sidewalk and road with
+    objects on them, each class in its colour plus noise, so colour and layout both teach."""
     w, h = size
     train = np.zeros((h, w), np.uint8)
-    horizon, kerb, road = (int(h * rng.uniform(a, b)) for a, b in ((.15, .3), (.5, .6), (.65, .75)))
+    horizon, kerb, road = (int(h * rng.uniform(a, b))
+                           for a, b in ((.15, .3), (.5, .6), (.65, .75)))
     train[:horizon] = 10                                        # sky
     train[horizon:kerb] = 2                                     # building
     train[kerb:road] = 1                                        # sidewalk

@@ -41,11 +41,8 @@ SLIDE_WINDOW, SLIDE_STRIDE = (1024, 1024), (768, 768)
 TEST_SCALE = (2048, 1024)            # the reference's test Resize: fit, keeping the aspect ratio
 DEFAULT_DATA_PATH = 'data/cityscapes'
 
-# ----------------------------------------------------------------------------------------------
-# The metric: per-class areas over the whole data set, as the reference accumulates them
-# ----------------------------------------------------------------------------------------------
 
-
+# ---- The metric: per-class areas over the whole data set, as the reference accumulates them ----
 def confusion(pred, label, num_classes, ignore_index=data.IGNORE_INDEX):
     """(num_classes, num_classes) counts of (label, pred) pairs, ignored pixels dropped, added
     into a fixed-size tensor (bincount reads its largest index on the host: a wait)."""
@@ -87,11 +84,7 @@ def format_table(metrics, class_names):
     return '\n'.join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# Inference: whole image, sliding window, multi-scale + flip; the fast path
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- Inference: whole image, sliding window, multi-scale + flip; the fast path ---------------
 def slide_logits(model, image, num_classes):
     """The mean logits of overlapping 1024 x 1024 windows (stride 768), as the reference."""
     _, _, h, w = image.shape
@@ -143,11 +136,7 @@ def prepare_for_inference(model, runtime, compile_model=False):
     return model
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation on a data set, and its outputs: label maps and pictures
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- Evaluation on a data set, and its outputs: label maps and pictures ----------------------
 @torch.no_grad()
 def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None,
              show_dir=None, workers=4, log=print, profiler=None, limit=None, keep_pictures=()):
@@ -220,7 +209,6 @@ def interrupted():
     p = Progress.latest
     where = f' after {p.done} of {p.total or "?"} {p.unit} ({p.what.strip("[]")})' if p else ''
     return f'error: interrupted (Ctrl-C){where}; every file written is whole, none half written'
-
 
 
 def save_prediction(pred, image, out_name, show_name, out_dir, show_dir, classes, palette,
@@ -318,11 +306,7 @@ def blend(rgb, train_ids, palette):
     return (rgb >> 1) + (colours >> 1) + (rgb & colours & 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Your own images: the reference's test pipeline on any PNG or JPEG
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- Your own images: the reference's test pipeline on any PNG or JPEG -----------------------
 def fit_size(width, height, scale=TEST_SCALE):
     """(w, h) rescaled to fit `scale`, keeping the aspect ratio, as mmcv's rescale_size."""
     factor = min(max(scale) / max(width, height), min(scale) / min(width, height))
@@ -411,11 +395,7 @@ def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=
     return failed
 
 
-# ----------------------------------------------------------------------------------------------
-# Benchmark: the plain model against the fast path
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- Benchmark: the plain model against the fast path ----------------------------------------
 def time_alternately(runs, rounds, synchronize=None):
     """{name: [seconds per call]} of `runs`, the order reversed every other round."""
     times, synchronize = {name: [] for name in runs}, synchronize or (lambda: None)
@@ -464,13 +444,9 @@ def benchmark(model, runtime, compile_model=False, size=(1024, 2048), batch=1, w
     log(f'FPS: {batch / min(median.values()):.2f}')
 
 
-# ----------------------------------------------------------------------------------------------
-# The command line
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- The command line ------------------------------------------------------------------------
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     add = parser.add_argument
     add('--ckpt', help='checkpoint: ours (train.py) or mmsegmentation\'s')
     add('--data-path', '--data_path', help='Cityscapes root (leftImg8bit/, gtFine/) or your own '

@@ -45,6 +45,7 @@ if _problem:
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+
 class SetupError(RuntimeError):
     """A setting, flag or place that cannot work here."""
 
@@ -70,11 +71,7 @@ def fail(line, status=1):
     raise SystemExit(status)
 
 
-# ----------------------------------------------------------------------------------------------
-# The device, the backend and the precision: decided here, and nowhere else
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- The device, the backend and the precision: decided here, and nowhere else ---------------
 def cpu_has_bf16():
     """Whether oneDNN runs bfloat16 on this CPU (AVX512-BF16, AMX, Arm BF16, AVX-512)."""
     try:
@@ -170,7 +167,8 @@ class Runtime:
             store = torch.distributed.PrefixStore(f'bisenet/round{restart}/', store)
             torch.distributed.init_process_group(self.backend, store=store, rank=rank,
                                                  world_size=world_size)
-        self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[amp_dtype] if amp else None
+        dtypes = {'fp16': torch.float16, 'bf16': torch.bfloat16}
+        self.amp_dtype = dtypes[amp_dtype] if amp else None
         self.precision = amp_dtype if amp else 'fp32'
         # channels_last: none on NPU; it pays at inference on CPU and CUDA, training on CUDA.
         self.train_format = torch.channels_last if device == 'cuda' else torch.contiguous_format

@@ -183,9 +183,7 @@ def random_state(model, seed=0):
     return model
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
+# ---- Model -----------------------------------------------------------------------------------
 
 
 def test_parameter_counts_equal_the_reference():
@@ -305,9 +303,7 @@ def test_benchmark_times_the_plain_model_against_the_fast_path():
     assert lines[-1].startswith('FPS: ') and float(lines[-1].split()[1]) > 0
 
 
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
+# ---- Data ------------------------------------------------------------------------------------
 
 
 def test_label_map_is_the_official_table():
@@ -571,9 +567,7 @@ def test_batched_distortion_matches_a_per_image_version():
     assert torch.allclose(out[2].double(), torch.from_numpy(identity).permute(2, 0, 1), atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------
-# Your own data set
-# ----------------------------------------------------------------------------------------------
+# ---- Your own data set -----------------------------------------------------------------------
 
 # Four classes of synthetic_scene's streets, by Cityscapes train id; everything else is ignored.
 OWN_CLASSES = {10: 0, 2: 1, 1: 2, 0: 3}
@@ -1016,6 +1010,15 @@ def test_check_data_prints_each_split_and_every_problem(own_data, tmp_path):
     assert result.stdout.strip().endswith('1 problems')
 
 
+def test_a_tool_runs_from_any_folder_without_pythonpath(own_data, tmp_path):
+    env = {key: value for key, value in ENV.items() if key != 'PYTHONPATH'}
+    result = subprocess.run([sys.executable, str(HERE / 'tools' / 'check_data.py'), own_data,
+                             '--splits', 'val'], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'val: 4 images' in result.stdout and result.stdout.strip().endswith('no problems')
+
+
 def test_train_on_own_data_then_eval_with_its_names_and_colours(own_data, tmp_path):
     work = tmp_path / 'work'
     result = run('train.py', '--data-path', own_data, '--device', 'cpu', '--crop-size', 64,
@@ -1138,9 +1141,7 @@ def test_onnx_export_of_a_four_class_model_runs_in_onnxruntime(tmp_path):
     assert (labels == want.argmax(1).numpy()).mean() > 0.999 and len(np.unique(labels)) > 1
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
+# ---- Evaluation ------------------------------------------------------------------------------
 
 
 def test_metric_against_brute_force():
@@ -1390,7 +1391,7 @@ def test_onnx_export_matches_eval_label_maps(initial_checkpoint, tmp_path):
     checkpoint = initial_checkpoint
     ort = pytest.importorskip('onnxruntime')
     pytest.importorskip('onnx')
-    lines = []             # eval.py --export-onnx checks at 1024 x 2048 and 600 x 800; here smaller
+    lines = []         # tools/export_onnx.py checks at 1024 x 2048 and 600 x 800; here smaller
     export_onnx.export_onnx(bisenet.model_from_checkpoint(checkpoint).eval(), tmp_path / 'm.onnx',
                            check_sizes=((320, 640), (200, 300)), log=lines.append)
     checks = [line for line in lines if 'onnxruntime check' in line]
@@ -1542,9 +1543,7 @@ def test_onnx_export_without_onnx_names_the_package(checkpoint, tmp_path):
     assert not (tmp_path / 'm.onnx').exists()
 
 
-# ----------------------------------------------------------------------------------------------
-# Video
-# ----------------------------------------------------------------------------------------------
+# ---- Video -----------------------------------------------------------------------------------
 
 
 def make_video(path, size, count, rate, audio=True, seed=0, video=True):
@@ -1665,9 +1664,7 @@ def test_video_without_pyav_names_the_package_before_any_work(checkpoint, tmp_pa
     assert_one_line_error(scale, '--scale applies to --images only')
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
+# ---- Training --------------------------------------------------------------------------------
 
 TINY = ['--device', 'cpu', '--crop-size', 64, 64, '--batch-size', 2, '--log-interval', 2,
         '--no-validate']
@@ -1728,7 +1725,7 @@ def test_sigterm_saves_at_the_announced_sync_point_and_a_second_ctrl_c_quits_at_
     [announced] = [int(line.split()[4].rstrip(',')) for line in out.splitlines()
                    if line.startswith('SIGTERM: stopping at iteration')]
     assert f'stopped by SIGTERM at iteration {announced}: saved latest.pth' in out
-    assert train.read_resumable(tmp_path / 'latest.pth')['iteration'] == announced
+    assert bisenet.read_resumable(tmp_path / 'latest.pth')['iteration'] == announced
     assert not list(tmp_path.glob('iter_*.pth'))
     # Ctrl-C: one line at once naming where it will stop; a second Ctrl-C quits at once, and
     # latest.pth is the one written before, untouched.
@@ -1751,7 +1748,7 @@ def test_sigterm_saves_at_the_announced_sync_point_and_a_second_ctrl_c_quits_at_
     assert (tmp_path / 'latest.pth').read_bytes() == saved and not list(tmp_path.glob('*.tmp'))
     result = train_here(*common, '--iters', announced + 2, '--resume-from', 'auto')
     assert f'resumed from {tmp_path / "latest.pth"} at iteration {announced}' in result.stdout
-    assert train.read_resumable(tmp_path / 'latest.pth')['iteration'] == announced + 2
+    assert bisenet.read_resumable(tmp_path / 'latest.pth')['iteration'] == announced + 2
 
 
 def test_main_runs_twice_in_one_process_closing_what_it_opened(data, tmp_path):
@@ -1844,9 +1841,7 @@ def test_torchrun_two_processes(two_process_run):
     assert torch.load(work / 'latest.pth', weights_only=True)['iteration'] == 12
 
 
-# ----------------------------------------------------------------------------------------------
-# Faults: a full disk, a second run, a broken checkpoint, a dead worker or rank, several hosts
-# ----------------------------------------------------------------------------------------------
+# ---- Faults: a full disk, a second run, a bad checkpoint, a dead worker or rank --------------
 
 FAULT_RUN = [*TINY, '--iters', 12, '--ckpt-interval', 4, '--workers', 0]
 
@@ -1994,8 +1989,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_last_checkpoint_resumes
         assert_one_line_error(result, f'cannot write the checkpoint {disk / "iter_4.pth"}',
                               'MB are free there')
         assert not list(disk.glob('*.tmp'))
-        assert train.read_resumable(disk / 'latest.pth')['iteration'] == 2
-        assert train.read_resumable(disk / 'iter_2.pth')['iteration'] == 2
+        assert bisenet.read_resumable(disk / 'latest.pth')['iteration'] == 2
+        assert bisenet.read_resumable(disk / 'iter_2.pth')['iteration'] == 2
     finally:
         subprocess.run(['umount', '-l', str(disk)])
 
@@ -2070,7 +2065,7 @@ def test_a_truncated_val_image_is_found_by_the_check_and_skipped_after_the_check
                         '--work-dir', tmp_path / 'run', '--val-interval', 2, '--ckpt-interval', 2)
     assert f'validation left out 1 image(s) it could not read: cannot read {broken}' \
         in result.stdout
-    assert train.read_resumable(tmp_path / 'run' / 'iter_2.pth')['iteration'] == 2
+    assert bisenet.read_resumable(tmp_path / 'run' / 'iter_2.pth')['iteration'] == 2
     assert json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()[-1])[
         'skipped_images'] == 1
     evaluated = run_here(evaluation, '--ckpt', tmp_path / 'run' / 'latest.pth', '--data-path',
@@ -2096,7 +2091,7 @@ def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_and_start_over_
     assert f'the earlier run\'s checkpoints and records are now in {tmp_path / "earlier-1"}' \
         in over.stdout
     assert {p.name: p.read_bytes() for p in (tmp_path / 'earlier-1').glob('*.pth')} == saved
-    assert train.read_resumable(tmp_path / 'latest.pth')['iteration'] == 2
+    assert bisenet.read_resumable(tmp_path / 'latest.pth')['iteration'] == 2
     assert (tmp_path / 'earlier-1' / 'metrics.jsonl').is_file()
 
 

@@ -1,30 +1,21 @@
-"""Train BiSeNetV1 on Cityscapes with mmsegmentation's recipe (bisenetv1_r18-d32, 160k iters),
-or on a data set of your own (ROOT/classes.txt, ROOT/images/, ROOT/labels/; README: "Your own
-data set"), with the same recipe.
+"""Train BiSeNetV1 with mmsegmentation's recipe (bisenetv1_r18-d32, 160k iterations) on
+Cityscapes or a data set of your own (ROOT/classes.txt, ROOT/images/, ROOT/labels/).
 
-A demo on a generated synthetic data set (CPU, about 3 minutes, mIoU >= 50):
-    python train.py --demo
-One device (NPU, GPU or CPU; chosen automatically, or --device):
-    python train.py --data-path data/cityscapes
-One host, 4 devices x 4 images = the reference's 16 images per iteration:
-    torchrun --nproc_per_node=4 train.py --data-path data/cityscapes
-Two hosts (run on each, NODE_RANK 0 and 1; or bash run_8p.sh with NNODES etc.):
-    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 \\
-        --master_addr=$MASTER_ADDR --master_port=29500 train.py --data-path data/cityscapes
-Resume after a stop or preemption (SIGTERM/SIGINT save latest.pth first):
-    torchrun ... train.py --data-path data/cityscapes --resume-from auto
-Fine-tune mmsegmentation's Cityscapes model on your own classes (all but the classifiers load):
-    python train.py --data-path data/mine --load-from bisenetv1_r18-d32_..._cityscapes.pth
+    python train.py --demo                                    # a synthetic set, 3 min on a CPU
+    python train.py --data-path data/cityscapes               # one device: NPU, GPU or CPU
+    torchrun --nproc_per_node=4 train.py --data-path data/cityscapes     # the recipe's 4 x 4
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --master_addr=$MASTER_ADDR \
+        --master_port=29500 train.py --data-path data/cityscapes         # two hosts
+    torchrun ... train.py --data-path data/cityscapes --resume-from auto  # after a stop
+    python train.py --data-path data/mine --load-from bisenetv1_..._cityscapes.pth  # fine-tune
 
-Writes into --work-dir: train.log, metrics.jsonl (one JSON line per log and per validation),
-iter_N.pth every --ckpt-interval, latest.pth, best.pth (best validation mIoU), and with
---tensorboard the curves and validation pictures in tensorboard/ (tensorboard --logdir
-WORK_DIR/tensorboard). Checkpoints hold plain data only
-(the weights, the class names and colours, the state of the run), load with
-torch.load(weights_only=True), and are what eval.py --ckpt reads.
+WORK_DIR (--work-dir) receives train.log, metrics.jsonl (a JSON line per log and validation),
+iter_N.pth, latest.pth and best.pth, and with --tensorboard the curves and pictures. The
+checkpoints hold plain data and load with torch.load(weights_only=True); eval.py reads them.
 """
 import argparse
 import contextlib
+import errno
 import json
 import multiprocessing
 import os
@@ -52,15 +43,10 @@ from data import OutputError, make_dir, save_bytes, size_text, write_failure  # 
 from eval import evaluate, format_table, metrics_record  # noqa: E402
 
 
-# ----------------------------------------------------------------------------------------------
-# The recipe, top-down: data, model, resume, then the loop with its step in view
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- The recipe, top-down: data, model, resume, then the loop with its step in view ----------
 def train(args, runtime, opened, note=None):
-    """The recipe, top-down: data, model and resume, then the loop. What it opens (files, the
-    signal handlers) goes on `opened`, which main() closes however the run ends. `note`: a
-    line hold_work_dir has for the log."""
+    """Data, model and resume, then the loop. What it opens goes on `opened`, which main()
+    closes however the run ends; `note` is hold_work_dir's line for the log."""
     work_dir = Path(args.work_dir)                # made and locked by hold_work_dir
     log, announce = open_log(work_dir, runtime, opened)
     if note:
@@ -75,21 +61,17 @@ def train(args, runtime, opened, note=None):
         return
     ddp_model = runtime.data_parallel(model)
     loader = make_loader(args, runtime, train_set, start_iter)
-    # From here on SIGTERM and SIGINT stop the run at a sync point (the data workers, forked at
-    # the first batch, inherit the handler and leave the decision to this process).
+    # From here on SIGTERM and SIGINT stop the run at a sync point.
     stop = opened.enter_context(StopRequest(start_iter, args, validate, announce))
     log_setup(args, runtime, len(train_set), model.num_classes, log)
     run = Run(args, runtime, model, optimizer, scaler, val_set, validate, stop, best_miou, log)
     run.open_records(start_iter, opened)
-    profiler = runtime.profiler(work_dir / 'prof') if args.prof else None
-    if profiler is not None:
-        profiler.start()
+    profiler = opened.enter_context(runtime.profiler(work_dir / 'prof')) if args.prof else None
     perf_warmup, perf_start = min(10, max(args.iters - start_iter - 1, 0) // 5), None
 
     # Nothing here makes an iteration wait for the device, so the host can queue the next one:
     # the losses add up on the device (Window), and the host reads them, checks the run's
-    # health and looks for a stop signal only at a sync point (due(): the same iterations on
-    # every rank). Where torch or torch_npu wait inside a step, log_setup said so.
+    # health and looks for a stop signal only at sync points (due(), the same on every rank).
     model.train()
     iteration, batches = start_iter, iter(loader)
     window = Window(iteration + 1, runtime.device)
@@ -123,7 +105,6 @@ def train(args, runtime, opened, note=None):
         if profiler is not None:
             profiler.step()
             if iteration - start_iter >= 7:     # the schedule skips one step and warms up one
-                profiler.stop()
                 log(f'profile of iterations {start_iter + 3}-{iteration} written to '
                     f'{work_dir / "prof"}')
                 return
@@ -144,10 +125,8 @@ def train(args, runtime, opened, note=None):
 
 
 def make_data_sets(args, runtime, validate, log):
-    """The training set and the validation set (None without validation), after a quick look
-    at their labels (every one of a small set, the same on every rank): a wrong label value
-    costs one line now, not a crash hours into the run. --demo without --data-path writes its
-    synthetic set first."""
+    """The training and validation sets (None without validation; --demo: made first), after a
+    look at up to 200 labels of each: a wrong label costs one line now, not a crash hours in."""
     if args.demo and args.data_path is None:
         args.data_path = str(Path(args.work_dir) / 'demo_data')
         if runtime.rank == 0 and not (Path(args.data_path) / 'gtFine').is_dir():
@@ -155,38 +134,35 @@ def make_data_sets(args, runtime, validate, log):
         if runtime.distributed:
             torch.distributed.barrier()
     # The photometric distortion and normalisation run batched on the device, in the loop.
-    train_set = data.SegmentationDataset(
-        args.data_path, 'train', data.TrainTransform(args.crop_size, on_device=True),
-        cache_dir=args.cache_dir)
-    val_set = (data.SegmentationDataset(args.data_path, 'val',
-                                           data.EvalTransform(on_device=True),
-                                           cache_dir=args.cache_dir) if validate else None)
-    for dataset in (train_set, val_set):
-        if dataset is None:
-            continue
+    train_set = data.SegmentationDataset(args.data_path, 'train', data.TrainTransform(
+        args.crop_size, on_device=True), cache_dir=args.cache_dir)
+    val_set = data.SegmentationDataset(args.data_path, 'val', data.EvalTransform(
+        on_device=True), cache_dir=args.cache_dir) if validate else None
+    for dataset in [train_set] + [val_set] * validate:
         found = data.survey(dataset.layout, dataset.split, dataset.samples, limit=200,
-                               processes=args.workers)
+                            processes=args.workers)
         if found['problems']:
             raise data.DatasetError(found['problems'][0]
-                                       + data.more(found['problems'], args.data_path))
+                                    + data.more(found['problems'], args.data_path))
         if dataset is train_set:
             for warning in found['warnings']:
                 log(f'warning: {warning}')
             smaller = np.mean([w < args.crop_size[1] or h < args.crop_size[0]
                                for w, h in found['sizes']])
             if smaller > 0.5:
+                padding = 100 * data.padding_share(found['sizes'], args.crop_size)
                 log(f'note: the crop {args.crop_size[0]}x{args.crop_size[1]} is larger than '
-                    f'{100 * smaller:.0f}% of the training images: on average '
-                    f'{100 * data.padding_share(found["sizes"], args.crop_size):.0f}% of each crop '
-                    f'will be padding (ignored pixels); a smaller --crop-size wastes less')
+                    f'{100 * smaller:.0f}% of the training images: on average {padding:.0f}% '
+                    f'of each crop will be padding (ignored pixels); a smaller --crop-size '
+                    f'wastes less')
         if dataset.cache_note:
             log(dataset.cache_note)
     return train_set, val_set
 
 
 def make_model(args, runtime, train_set, log):
-    """The model for the data set's classes (the same initial weights on every process, then
-    --pretrained or --load-from), on the device, with its SGD and fp16 loss scaler."""
+    """The model for the data's classes (the same initial weights on every process, then
+    --pretrained or --load-from) on the device, its SGD and its fp16 loss scaler."""
     torch.manual_seed(args.seed)
     model = bisenet.BiSeNetV1(len(train_set.classes), args.backbone, train_set.classes,
                               train_set.palette)
@@ -206,14 +182,27 @@ def make_model(args, runtime, train_set, log):
 
 
 def resume(args, runtime, model, optimizer, scaler, log):
-    """(iteration, best mIoU) to continue from: --resume-from's checkpoint (with 'auto' the
-    newest of the work dir that loads), loaded into the model, optimizer and scaler, or said
-    to be the end of the run already; (0, -1.0) for a new run."""
-    path, ckpt = args.resume_from, None
-    if path == 'auto':
-        path, ckpt = newest_resumable(Path(args.work_dir), log)
+    """(iteration, best mIoU) of --resume-from's checkpoint ('auto': the work dir's newest that
+    loads), loaded into model, optimizer and scaler; (0, -1.0) for a new run."""
+    path, ckpt, work_dir = args.resume_from, None, Path(args.work_dir)
+    if path == 'auto':                  # the newest that loads; each one skipped is logged
+        candidates, path = checkpoints_newest_first(work_dir), None
+        for candidate in candidates:
+            try:
+                ckpt, path = bisenet.read_resumable(candidate), candidate
+                log(f'--resume-from auto: resuming from {path}')
+                break
+            except bisenet.CheckpointError as e:
+                log(f'--resume-from auto: skipped {candidate}: {one_line(e)}')
+        if candidates and ckpt is None:
+            raise bisenet.CheckpointError(
+                f'--resume-from auto: none of the {len(candidates)} checkpoints in '
+                f'{work_dir} can be read (named above): resume from a copy, or start afresh '
+                f'in another --work-dir')
+        if not candidates:
+            log(f'--resume-from auto: no checkpoint in {work_dir}, starting fresh')
     elif path:
-        ckpt = read_resumable(path)
+        ckpt = bisenet.read_resumable(path)
     if ckpt is None:
         return 0, -1.0
     bisenet.load_state_dict(model, ckpt['model'], source=str(path))
@@ -229,26 +218,25 @@ def resume(args, runtime, model, optimizer, scaler, log):
     else:
         log(f'{path} is at iteration {ckpt["iteration"]}: the run is complete (--iters '
             f'{args.iters}), nothing to train; give a larger --iters to train on')
-    saved, changed = ckpt.get('args') or {}, []
-    for name in ('batch_size', 'crop_size'):
-        ours = ' '.join(map(str, np.atleast_1d(getattr(args, name))))
-        theirs = ' '.join(map(str, np.atleast_1d(saved.get(name, getattr(args, name)))))
-        if ours != theirs:
-            changed.append(f'--{name.replace("_", "-")} {ours} (it trained with {theirs})')
+
+    def flag(given, name):
+        return ' '.join(map(str, np.atleast_1d(given.get(name, getattr(args, name)))))
+    before = ckpt.get('args') or {}
+    changed = [f'--{n.replace("_", "-")} {flag(vars(args), n)} (it trained with {flag(before, n)})'
+               for n in ('batch_size', 'crop_size') if flag(vars(args), n) != flag(before, n)]
     if changed:
         log(f'note: {path} continues with {" and ".join(changed)}: the schedule goes on, the '
             f'images per iteration change')
-    # A checkpoint is written before its iteration's validation: that validation's mIoU is in
-    # the records, not in the checkpoint.
-    validated = [record['mIoU'] for record in read_records(Path(args.work_dir) / 'metrics.jsonl')
+    # A checkpoint is written before its iteration's validation, whose mIoU is in the records.
+    validated = [record['mIoU'] for record in read_records(work_dir / 'metrics.jsonl')
                  if 'mIoU' in record and record['iter'] <= ckpt['iteration']]
     return ckpt['iteration'], max([ckpt.get('best_miou', -1.0)] + validated)
 
 
 def make_loader(args, runtime, train_set, start_iter):
     """This rank's endless stream of training batches, from sample start_iter x batch on."""
-    sampler = data.InfiniteSampler(len(train_set), args.seed, runtime.rank,
-                                      runtime.world_size, start=start_iter * args.batch_size)
+    sampler = data.InfiniteSampler(len(train_set), args.seed, runtime.rank, runtime.world_size,
+                                   start=start_iter * args.batch_size)
     return torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
         drop_last=True, persistent_workers=args.workers > 0,   # drop_last: static shapes (NPU)
@@ -281,9 +269,8 @@ def get_lr(it, base_lr, iters, warmup_iters, warmup_ratio=0.1, min_lr=1e-4, powe
 
 
 def criterion(outputs, label):
-    """Per-head cross entropy of the logits upsampled (bilinear) to the label, averaged over
-    all pixels with ignored ones counting zero, as the reference (PyTorch's default mean would
-    divide by the non-ignored pixels only). Returns the three heads' losses."""
+    """Each head's cross entropy of its logits upsampled (bilinear) to the label, averaged over
+    all pixels, ignored ones counting zero, as the reference (not PyTorch's default mean)."""
     losses = []
     for logits in outputs:
         logits = F.interpolate(logits, size=label.shape[1:], mode='bilinear', align_corners=False)
@@ -293,38 +280,25 @@ def criterion(outputs, label):
     return losses
 
 
-# ----------------------------------------------------------------------------------------------
-# The sync point: what an iteration does besides its step
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- The sync point: what an iteration does besides its step ---------------------------------
 def due(iteration, args, validate):
-    """What iteration `iteration` (1-based: the number of steps done) does besides its step:
-    (log, validate, save). An iteration that does any of them is a sync point, the only place
-    where the host waits for the device; the last iteration does all three."""
+    """(log, validate, save): what iteration `iteration` (1-based) does besides its step. One
+    that does any is a sync point, where alone the host waits for the device."""
     last = iteration == args.iters
     return (iteration % args.log_interval == 0 or last,
             validate and (iteration % args.val_interval == 0 or last),
             not args.perf and (iteration % args.ckpt_interval == 0 or last))
 
 
-def next_sync_point(iteration, args, validate):
-    """The first sync point (due()) at or after `iteration`, at most args.iters."""
-    intervals = [args.log_interval] + [args.val_interval] * validate \
-        + [args.ckpt_interval] * (not args.perf)
-    return min([args.iters] + [-(-iteration // n) * n for n in intervals])
-
-
 class Window:
-    """The iterations since the last log, on the device: each head's loss added up (a
-    non-finite loss is counted instead), the steps the dynamic fp16 loss scale skipped, and
-    the seconds spent waiting for data."""
+    """The iterations since the last log, on the device: each head's loss added up (non-finite
+    ones counted instead), the steps the fp16 loss scale skipped, the seconds waited for data."""
 
     def __init__(self, first, device):
         self.first, self.start, self.data_time, self.count = first, time.time(), 0.0, 0
         self.losses = torch.zeros(3, device=device)
-        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite, self.skipped = (torch.zeros((), dtype=torch.int64, device=device)
+                                        for _ in range(2))
 
     def add(self, losses, scale_before=None, scale_after=None):
         losses = losses.detach()
@@ -337,10 +311,8 @@ class Window:
 
 
 def sync_point(run, iteration, lr, window):
-    """What an iteration due() for does besides its step, in this order: the health check
-    (so that no checkpoint ever holds a diverged run), the log, the checkpoints (before
-    anything else can fail), validation (and best.pth), the stop signal. Returns the next
-    window, or None where the run stops."""
+    """The health check (no checkpoint holds a diverged run), the log, the checkpoints (before
+    anything else can fail), validation, the stop signal. The next window, or None: stopped."""
     args, runtime, model = run.args, run.runtime, run.model
     log_due, val_due, save_due = due(iteration, args, run.validate)
     runtime.forbid_syncs(False)
@@ -351,10 +323,9 @@ def sync_point(run, iteration, lr, window):
     scale = run.scaler.get_scale() if run.loss_scaling == 'dynamic' else None
     why = divergence(nonfinite, not broken_weights, run.loss_scaling, scale)
     if why:
-        hint = ' or --loss-scale' if run.loss_scaling == 'static' else ''
-        raise SetupError(f'training diverged between iterations {window.first} and '
-                                 f'{iteration}: {why}; lower --lr{hint} and resume from the '
-                                 f'last checkpoint')
+        raise SetupError(f'training diverged between iterations {window.first} and {iteration}: '
+                         f'{why}; lower --lr' + ' or --loss-scale' * (run.loss_scaling == 'static')
+                         + ' and resume from the last checkpoint')
     if log_due:
         record = log_window(window, iteration, lr, scale, args, runtime, run.log)
         run.write(record, {f'train/{key}': value for key, value in record.items()
@@ -374,9 +345,7 @@ def sync_point(run, iteration, lr, window):
 
 
 def divergence(nonfinite_steps, weights_finite, loss_scaling, scale):
-    """Why training cannot go on, or None, from what the iterations since the last check saw:
-    how many had a non-finite loss, whether the weights are still finite, the loss scaling
-    (Runtime.loss_scaling) and the fp16 loss scale now."""
+    """Why training cannot go on, or None; loss_scaling is Runtime.loss_scaling's answer."""
     if not weights_finite:
         return 'the weights are no longer finite'
     if loss_scaling == 'dynamic':
@@ -389,48 +358,36 @@ def divergence(nonfinite_steps, weights_finite, loss_scaling, scale):
 
 
 def log_window(window, iteration, lr, scale, args, runtime, log):
-    """Log the iterations of a window in one line; returns its record (metrics.jsonl and
-    TensorBoard's train/ curves)."""
+    """A window's line in the log; returns its record (metrics.jsonl, TensorBoard's train/)."""
     step_time = (time.time() - window.start) / window.count
-    skipped = int(window.skipped)
     head_losses = (window.losses / max(window.count - int(window.nonfinite), 1)).tolist()
-    global_batch = args.batch_size * runtime.world_size
     record = {'iter': iteration, 'lr': lr, 'loss': sum(head_losses),
               'loss_decode': head_losses[0], 'loss_aux8': head_losses[1],
               'loss_aux16': head_losses[2], 'data_time': window.data_time / window.count,
-              'step_time': step_time, 'images_per_s': global_batch / step_time,
+              'step_time': step_time,
+              'images_per_s': args.batch_size * runtime.world_size / step_time,
               'eta_s': step_time * (args.iters - iteration), **dict([runtime.peak_memory()])}
-    scaling = ''
+    memory = f'mem {record["memory_gb"]:.2f} GB' if 'memory_gb' in record \
+        else f'peak RSS {record["peak_rss_gb"]:.2f} GB'          # the device's, or the process's
+    left, scaling = int(record['eta_s']), ''
+    eta = (f'{left // 86400}d ' if left >= 86400 else '') + \
+        f'{left % 86400 // 3600:02d}:{left % 3600 // 60:02d}:{left % 60:02d}'
     if scale is not None:
+        skipped = int(window.skipped)
         record.update(loss_scale=scale, skipped_steps=skipped)
         scaling = f'  scale {scale:g}' + (f' ({skipped} skipped)' if skipped else '')
     log(f'iter {iteration}/{args.iters}  lr {lr:.3e}  loss {record["loss"]:.4f} (decode '
         f'{head_losses[0]:.4f} aux8 {head_losses[1]:.4f} aux16 {head_losses[2]:.4f})  data '
         f'{record["data_time"]:.3f}s  step {step_time:.3f}s  {record["images_per_s"]:.1f} img/s  '
-        f'ETA {format_eta(record["eta_s"])}  {memory_line(record)}{scaling}')
+        f'ETA {eta}  {memory}{scaling}')
     return record
-
-
-def format_eta(seconds):
-    seconds = int(seconds)
-    return f'{seconds // 86400}d {seconds % 86400 // 3600:02d}:{seconds % 3600 // 60:02d}:' \
-           f'{seconds % 60:02d}' if seconds >= 86400 else \
-        f'{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
-
-
-def memory_line(record):
-    """The log's memory figure: the device's peak allocations, or on CPU the process's peak
-    resident set (Runtime.peak_memory)."""
-    if 'memory_gb' in record:
-        return f'mem {record["memory_gb"]:.2f} GB'
-    return f'peak RSS {record["peak_rss_gb"]:.2f} GB' if 'peak_rss_gb' in record else ''
 
 
 def validate(run, iteration):
     """Validation: the table in the log, the record, best.pth on a new best mIoU."""
     args, model = run.args, run.model
-    show_dir = Path(args.work_dir) / 'demo_predictions' if args.demo and iteration == args.iters \
-        else None                                       # the demo's colour pictures, at its end
+    last_demo = args.demo and iteration == args.iters    # the demo's pictures, at its end
+    show_dir = Path(args.work_dir) / 'demo_predictions' if last_demo else None
     metrics = evaluate(model, run.val_set, run.runtime, show_dir=show_dir,
                        workers=min(args.workers, 2), log=run.log, keep_pictures=run.shown)
     run.log(format_table(metrics, model.classes))
@@ -440,10 +397,10 @@ def validate(run, iteration):
                 f'read: {"; ".join(metrics["skipped"][:3])}')
         record['skipped_images'] = len(metrics['skipped'])
     scalars = {f'val/{key}': record[key] for key in ('mIoU', 'mAcc', 'aAcc')}
-    for key, tag in (('per_class', 'IoU'), ('per_class_acc', 'Acc')):
-        scalars.update((f'val/{tag}/{tag_name(name)}', value)
-                       for name, value in record[key].items()
-                       if value is not None)    # None: absent from labels and predictions
+    for key, tag in (('per_class', 'IoU'), ('per_class_acc', 'Acc')):       # None: absent
+        # each class name as a tag takes it (TensorBoard would rename it with a warning)
+        scalars.update((f'val/{tag}/' + re.sub(r'[^\w./-]', '_', name), value)
+                       for name, value in record[key].items() if value is not None)
     run.write(record, scalars, iteration, metrics['pictures'])
     run.last_miou = metrics['mIoU']
     if metrics['mIoU'] > run.best_miou:
@@ -460,11 +417,8 @@ def demo_result(miou, val_images, work_dir, data_path):
 
 
 class Run:
-    """What the sync point reads and writes: the run's parts, and on rank 0 its records besides
-    the log. metrics.jsonl and TensorBoard continue at start_iter + 1 (open_records drops what a
-    killed run wrote after its last checkpoint, so that no step is there twice); TensorBoard
-    gets the log's and validation's curves, and pictures of the same few validation images
-    each time, spread over rank 0's share of the split."""
+    """What the sync point reads and writes: the run's parts and, on rank 0, its records, which
+    continue at start_iter + 1 (what a killed run wrote after its checkpoint is dropped)."""
 
     def __init__(self, args, runtime, model, optimizer, scaler, val_set, validate, stop,
                  best_miou, log):
@@ -478,7 +432,10 @@ class Run:
         if self.runtime.rank != 0:
             return
         work_dir = Path(self.args.work_dir)
-        keep_records_until(work_dir / 'metrics.jsonl', start_iter)
+        if (work_dir / 'metrics.jsonl').is_file():          # without the records after it
+            save_bytes(work_dir / 'metrics.jsonl', ''.join(
+                json.dumps(record) + '\n' for record in read_records(work_dir / 'metrics.jsonl')
+                if record['iter'] <= start_iter).encode())
         self.metrics_file = opened.enter_context(open(work_dir / 'metrics.jsonl', 'a'))
         if self.args.tensorboard:
             self.board = open_tensorboard(work_dir / 'tensorboard', start_iter)
@@ -487,11 +444,10 @@ class Run:
                      f'--logdir {work_dir / "tensorboard"}')
             if self.val_set is not None:
                 own = self.runtime.shard(len(self.val_set))
-                self.shown = {own[int(i)] for i in np.linspace(0, len(own) - 1, min(4, len(own)))}
+                self.shown = {own[i] for i in data.spread(len(own), 4)}
 
     def write(self, record, scalars, iteration, pictures=None):
-        """A record into metrics.jsonl, and its `scalars` (tag -> value) and `pictures`
-        (name -> PIL image) into TensorBoard."""
+        """A record into metrics.jsonl; `scalars` and `pictures` (name -> PIL) into TensorBoard."""
         if self.metrics_file:
             append_line(self.metrics_file, json.dumps(record))
         if self.board:
@@ -521,74 +477,66 @@ class Run:
             self.stop.saving = False
 
 
-# ----------------------------------------------------------------------------------------------
-# Flags
-# ----------------------------------------------------------------------------------------------
-
-# What --demo changes, unless given on the command line: a CPU-sized schedule.
-# Run again, the demo continues where it stopped, or repeats its result (resume_from).
+# ---- Flags -----------------------------------------------------------------------------------
+# What --demo changes, unless given: a CPU-sized schedule that, run again, continues or repeats.
 DEMO_DEFAULTS = dict(iters=300, batch_size=8, crop_size=[128], workers=2, log_interval=25,
                      val_interval=300, ckpt_interval=300, work_dir='output/demo',
                      resume_from='auto')
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    add = parser.add_argument
     # data
-    parser.add_argument('--data-path', '--data_path', help='Cityscapes root (leftImg8bit/, '
-                        'gtFine/ with raw *_labelIds.png) or your own (classes.txt, images/, '
-                        'labels/); with --demo: default a generated set')
-    parser.add_argument('--work-dir', default='output', help='logs and checkpoints go here')
-    parser.add_argument('--workers', type=int, default=4, help='data loading processes per device')
-    parser.add_argument('--cache-dir', help='decode each image once into this folder and '
-                        'memory-map it after (about 25 GB for Cityscapes train + val)')
+    add('--data-path', '--data_path', help='Cityscapes root (leftImg8bit/, gtFine/ with raw '
+        '*_labelIds.png) or your own (classes.txt, images/, labels/); --demo: a generated set')
+    add('--work-dir', default='output', help='logs and checkpoints go here')
+    add('--workers', type=int, default=4, help='data loading processes per device')
+    add('--cache-dir', help='decode each image once into this folder and memory-map it after '
+        '(about 25 GB for Cityscapes train + val)')
     # recipe
-    parser.add_argument('--iters', type=int, default=160000, help='training iterations')
-    parser.add_argument('--batch-size', type=int, default=4,
-                        help='images per device per iteration (reference: 4 devices x 4)')
-    parser.add_argument('--crop-size', type=int, nargs='+', default=[1024], metavar='S',
-                        help='training crop: S (S x S) or H W')
-    parser.add_argument('--lr', type=float, default=0.025, help='peak learning rate (SGD)')
-    parser.add_argument('--warmup-iters', '--warm_up_epochs', type=int, default=None,
-                        help='linear warmup from 0.1 x lr; default 1000 scaled by --iters/160000')
-    parser.add_argument('--backbone', choices=('resnet18', 'resnet50'), default='resnet18')
-    parser.add_argument('--seed', type=int, default=0)
+    add('--iters', type=int, default=160000, help='training iterations')
+    add('--batch-size', type=int, default=4, help='images per device (reference: 4 x 4)')
+    add('--crop-size', type=int, nargs='+', default=[1024], metavar='S',
+        help='training crop: S (S x S) or H W')
+    add('--lr', type=float, default=0.025, help='peak learning rate (SGD)')
+    add('--warmup-iters', '--warm_up_epochs', type=int, default=None,
+        help='linear warmup from 0.1 x lr; default 1000 scaled by --iters/160000')
+    add('--backbone', choices=('resnet18', 'resnet50'), default='resnet18')
+    add('--seed', type=int, default=0)
     # device and precision
-    parser.add_argument('--device', choices=('auto', 'npu', 'cuda', 'cpu'), default='auto')
-    parser.add_argument('--device_list', help='device ids by local rank, e.g. 0,1,2,3 (Ascend)')
-    parser.add_argument('--amp', action='store_true', help='autocast mixed precision (NPU/CUDA)')
-    parser.add_argument('--amp-dtype', choices=('fp16', 'bf16'), default='fp16')
-    parser.add_argument('--loss-scale', type=float, default=-1,
-                        help='fp16 loss scale: -1 = dynamic, a number = fixed start scale')
-    parser.add_argument('--opt-level', default=None,
-                        help='accepted for the Ascend scripts: O1/O2 mean --amp (native autocast '
-                             'is apex O1; O2\'s fp16 master weights have no equivalent), O0 none')
+    add('--device', choices=('auto', 'npu', 'cuda', 'cpu'), default='auto')
+    add('--device_list', help='device ids by local rank, e.g. 0,1,2,3 (Ascend)')
+    add('--amp', action='store_true', help='autocast mixed precision')
+    add('--amp-dtype', choices=('fp16', 'bf16'), default='fp16')
+    add('--loss-scale', type=float, default=-1,
+        help='fp16 loss scale: -1 = dynamic, a number = fixed start scale')
+    add('--opt-level', help='the Ascend scripts\': O1/O2 mean --amp (native autocast is apex '
+        'O1; O2\'s fp16 master weights have no equivalent), O0 none')
     # weights
-    parser.add_argument('--pretrained', help='ImageNet ResNet weights (torchvision file format)')
-    parser.add_argument('--load-from', help='start from these weights (ours or mmsegmentation\'s; '
-                        'of another class count: all but the classifiers)')
-    parser.add_argument('--resume-from', help='checkpoint to continue exactly, or "auto" for '
-                        'the newest one of WORK_DIR that loads (latest.pth, else iter_N.pth)')
-    parser.add_argument('--start-over', action='store_true', help='start afresh in a WORK_DIR '
-                        'that holds an earlier run\'s checkpoints, moving its files to '
-                        'WORK_DIR/earlier-N/ first')
-    parser.add_argument('--trust-pickle', action='store_true',
-                        help='load weight files that hold pickled objects (runs their code)')
-    # schedule of side jobs
-    parser.add_argument('--no-validate', action='store_true', help='skip validation')
-    parser.add_argument('--val-interval', type=int, default=16000)
-    parser.add_argument('--ckpt-interval', type=int, default=16000)
-    parser.add_argument('--log-interval', type=int, default=50)
-    parser.add_argument('--tensorboard', action='store_true', help='write TensorBoard curves and '
-                        'validation pictures to WORK_DIR/tensorboard (pip install tensorboard)')
+    add('--pretrained', help='ImageNet ResNet weights (torchvision file format)')
+    add('--load-from', help='start from these weights (ours or mmsegmentation\'s; of another '
+        'class count: all but the classifiers)')
+    add('--resume-from', help='checkpoint to continue exactly, or "auto": the newest of '
+        'WORK_DIR that loads (latest.pth, else iter_N.pth)')
+    add('--start-over', action='store_true', help='start afresh in a WORK_DIR that holds an '
+        'earlier run\'s checkpoints, moving its files to WORK_DIR/earlier-N/ first')
+    add('--trust-pickle', action='store_true',
+        help='load weight files that hold pickled objects (runs their code)')
+    # side jobs
+    add('--no-validate', action='store_true', help='skip validation')
+    for flag, default in (('--val-interval', 16000), ('--ckpt-interval', 16000),
+                          ('--log-interval', 50)):
+        add(flag, type=int, default=default)
+    add('--tensorboard', action='store_true', help='TensorBoard curves and validation pictures '
+        'in WORK_DIR/tensorboard (pip install tensorboard)')
     # modes
-    parser.add_argument('--perf', action='store_true', help='performance test: a short run '
-                        '(default 100 iters), no validation or checkpoints; ends "FPS: N"')
-    parser.add_argument('--prof', action='store_true',
-                        help='profile a few iterations, trace into WORK_DIR/prof, then stop')
-    parser.add_argument('--sync-debug', action='store_true', help='CUDA: fail at any host-device '
-                        'sync inside the training step (between log intervals)')
-    parser.add_argument('--demo', action='store_true', help='CPU-sized run on a synthetic set')
+    add('--perf', action='store_true', help='performance test: a short run (100 iters), no '
+        'validation or checkpoints; ends "FPS: N"')
+    add('--prof', action='store_true', help='profile a few iterations into WORK_DIR/prof')
+    add('--sync-debug', action='store_true', help='CUDA: fail at any host-device sync inside '
+        'the training step (between sync points)')
+    add('--demo', action='store_true', help='CPU-sized run on a synthetic set')
     return parser
 
 
@@ -610,118 +558,79 @@ def parse_args(argv=None):
     return args
 
 
-def physical_memory():
-    """This machine's memory in bytes, or None where it cannot be read."""
-    try:
-        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def check_args(args):
-    """Flag combinations that cannot work: one clear line before anything is touched."""
-    for name in ('iters', 'batch_size', 'lr', 'val_interval', 'ckpt_interval', 'log_interval'):
-        if not getattr(args, name) > 0:             # not > 0: NaN too
-            raise SetupError(f'--{name.replace("_", "-")} must be positive, '
-                                     f'not {getattr(args, name)}')
+    """Flag combinations that cannot work: one line before anything is touched."""
+    for name in ('iters', 'batch_size', 'lr', 'val_interval', 'ckpt_interval', 'log_interval',
+                 'warmup_iters', 'workers'):
+        value, zero_too = getattr(args, name), name in ('warmup_iters', 'workers')
+        if not (value >= 0 if zero_too else value > 0):             # NaN fails both
+            what = 'cannot be negative' if zero_too else 'must be positive'
+            raise SetupError(f'--{name.replace("_", "-")} {what}, not {value}')
     if not np.isfinite(args.lr) or not np.isfinite(args.loss_scale):
-        raise SetupError(f'--lr and --loss-scale must be finite numbers, not {args.lr} '
-                                 f'and {args.loss_scale}')
+        raise SetupError(f'--lr and --loss-scale must be finite numbers, not {args.lr} and '
+                         f'{args.loss_scale}')
     if args.batch_size == 1:
-        raise SetupError('--batch-size 1 cannot train BiSeNetV1: the BatchNorms of its '
-                                 'attention (ARM, FFM, global context) would see one value per '
-                                 'channel; give 2 or more images per device')
+        raise SetupError('--batch-size 1 cannot train BiSeNetV1: the BatchNorms of its attention '
+                         '(ARM, FFM, global context) would see one value per channel; give 2 or '
+                         'more images per device')
     args.crop_size = data.parse_crop_size(args.crop_size)
     batch_bytes = 4 * args.batch_size * args.crop_size[0] * args.crop_size[1]   # RGB + label
-    memory = physical_memory()
+    memory = None                                   # this machine's, where it can be read
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     if memory and batch_bytes > memory / 2:
-        raise SetupError(
-            f'--crop-size {args.crop_size[0]} {args.crop_size[1]}: a batch of {args.batch_size} '
-            f'such crops is {size_text(batch_bytes)} of pixels before the model sees '
-            f'it, over half of this machine\'s memory ({size_text(memory)}); give a '
-            f'smaller --crop-size')
-    for name in ('warmup_iters', 'workers'):
-        if getattr(args, name) < 0:
-            raise SetupError(f'--{name.replace("_", "-")} cannot be negative, not '
-                                     f'{getattr(args, name)}')
+        raise SetupError(f'--crop-size {args.crop_size[0]} {args.crop_size[1]}: a batch of '
+                         f'{args.batch_size} such crops is {size_text(batch_bytes)} of pixels '
+                         f'before the model sees it, over half of this machine\'s memory '
+                         f'({size_text(memory)}); give a smaller --crop-size')
     if args.data_path is None and not args.demo:
-        raise SetupError('--data-path is required (a Cityscapes root or a data set of '
-                                 'your own), or --demo')
+        raise SetupError('--data-path is required (a Cityscapes root or a data set of your '
+                         'own), or --demo')
     if args.resume_from and args.resume_from != 'auto' and not Path(args.resume_from).is_file():
         what = 'is a folder' if Path(args.resume_from).is_dir() else 'does not exist'
-        raise SetupError(f'--resume-from {args.resume_from} {what}; give a checkpoint '
-                                 f'file or "auto"')
-    if args.start_over and args.resume_from:
-        raise SetupError('--start-over and --resume-from exclude each other: start over, '
-                                 'or continue')
-    if args.sync_debug and (args.perf or args.prof):
-        raise SetupError('--sync-debug excludes --perf and --prof: their timer and '
-                                 'profiler sync with the device')
-    if args.resume_from and args.load_from:
-        raise SetupError('--resume-from and --load-from exclude each other: resume '
-                                 'continues a run, load-from starts one from weights')
+        raise SetupError(f'--resume-from {args.resume_from} {what}; give a checkpoint file or '
+                         f'"auto"')
+    timed = 'their timer and profiler sync with the device'
+    for first, second, why in (('start_over', 'resume_from', 'start over, or continue'),
+                               ('sync_debug', 'perf', timed), ('sync_debug', 'prof', timed),
+                               ('resume_from', 'load_from', 'resume continues a run, '
+                                'load-from starts one from weights')):
+        if getattr(args, first) and getattr(args, second):
+            flags = [f'--{name.replace("_", "-")}' for name in (first, second)]
+            raise SetupError(f'{flags[0]} and {flags[1]} exclude each other: {why}')
     if args.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             raise SetupError('--tensorboard needs the tensorboard package: pip install '
-                                     'tensorboard') from None
+                             'tensorboard') from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints and records
-# ----------------------------------------------------------------------------------------------
-
-
-def tensor_bytes(state):
-    """The bytes of the tensors in a checkpoint's nested dicts and lists."""
-    if torch.is_tensor(state):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(tensor_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(tensor_bytes(v) for v in state)
-    return 0
-
-
+# ---- Checkpoints and records -----------------------------------------------------------------
 def save_checkpoint(state, path):
-    """Write atomically: a kill during the save leaves the previous file intact. A checkpoint
-    that cannot be written (a full disk, a quota, no permission) raises CheckpointError naming
-    the file, the bytes it needs and those free, with its temporary file removed and every
-    checkpoint written before untouched; where the disk is already too full, before writing."""
+    """Write to a temporary name, renamed into place; one that cannot be written (a full disk, a
+    quota) is CheckpointError naming its size and the space free, and leaves nothing behind."""
     tmp = path.with_name(path.name + '.tmp')
-    needed = tensor_bytes(state) + 2 ** 20          # the tensors, and a MiB for the rest
-    free = shutil.disk_usage(path.parent).free
-    reason = None if free >= needed else 'not enough free space'
-    if reason is None:
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-            return
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            # torch's writer reports a short write (a full disk) as a RuntimeError of its own;
-            # anything else (a DataLoader worker's death, raised from a signal) is not ours
-            written = isinstance(e, OSError) or isinstance(e, RuntimeError) and any(
-                where in str(e) for where in ('inline_container', 'PytorchStreamWriter'))
-            if not written:
-                raise
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else 'the write failed'
-            free = shutil.disk_usage(path.parent).free
+    needed = data.tensor_bytes(state) + 2 ** 20     # the tensors, and a MiB for the rest
+    try:
+        if shutil.disk_usage(path.parent).free < needed:
+            raise OSError(errno.ENOSPC, 'not enough free space')
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        # torch reports a short write (a full disk) as a RuntimeError of its own; anything else
+        # (a DataLoader worker's death, raised from a signal) is not ours
+        if not (isinstance(e, OSError) or isinstance(e, RuntimeError) and any(
+                where in str(e) for where in ('inline_container', 'PytorchStreamWriter'))):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else 'the write failed'
     raise bisenet.CheckpointError(
         f'cannot write the checkpoint {path} ({reason}): it needs {needed / 1e6:.1f} MB and '
-        f'{free / 1e6:.1f} MB are free there; the checkpoints written before are intact: free '
-        f'some space (or give another --work-dir) and continue with --resume-from auto')
-
-
-def read_resumable(path):
-    """A checkpoint that train.py can continue (model, optimizer, iteration), or
-    CheckpointError."""
-    ckpt = bisenet.load_file(path)
-    if not isinstance(ckpt, dict) or 'optimizer' not in ckpt or 'iteration' not in ckpt:
-        raise bisenet.CheckpointError(f'{path} is not a train.py checkpoint to resume (use '
-                                      f'--load-from for weights only)')
-    return ckpt
+        f'{shutil.disk_usage(path.parent).free / 1e6:.1f} MB are free there; the checkpoints '
+        f'written before are intact: free some space (or give another --work-dir) and continue '
+        f'with --resume-from auto')
 
 
 def checkpoints_newest_first(work_dir):
@@ -731,52 +640,18 @@ def checkpoints_newest_first(work_dir):
     return [p for p in paths if p.is_file()]
 
 
-def newest_resumable(work_dir, log):
-    """--resume-from auto: (path, checkpoint) of the newest checkpoint in the work dir that
-    loads, each one skipped named in the log with its reason; (None, None) if there is none."""
-    candidates = checkpoints_newest_first(work_dir)
-    for path in candidates:
-        try:
-            ckpt = read_resumable(path)
-            log(f'--resume-from auto: resuming from {path}')
-            return path, ckpt
-        except bisenet.CheckpointError as e:
-            log(f'--resume-from auto: skipped {path}: {one_line(e)}')
-    if candidates:
-        raise bisenet.CheckpointError(f'--resume-from auto: none of the {len(candidates)} '
-                                      f'checkpoints in {work_dir} can be read (named above): '
-                                      f'resume from a copy, or start afresh in another --work-dir')
-    log(f'--resume-from auto: no checkpoint in {work_dir}, starting fresh')
-    return None, None
-
-
 def read_records(path):
-    """The records of metrics.jsonl (none where there is no file), without a last line that
-    a kill cut short."""
+    """metrics.jsonl's records, without a last line that a kill cut short."""
     records = []
     for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-            if isinstance(record, dict) and isinstance(record.get('iter'), int):
-                records.append(record)
-        except ValueError:
-            pass
-    return records
-
-
-def keep_records_until(path, iteration):
-    """Rewrite metrics.jsonl (atomically) without its records after `iteration`, and without
-    a last line that a kill cut short."""
-    if path.is_file():
-        save_bytes(path, ''.join(json.dumps(record) + '\n' for record in
-                                         read_records(path) if record['iter'] <= iteration)
-                           .encode())
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get('iter'), int)]
 
 
 def open_log(work_dir, runtime, opened):
-    """(log, announce): log prints a line and appends it to WORK_DIR/train.log, on rank 0;
-    announce does the same from a signal handler, which may run inside a print (so with
-    unbuffered writes)."""
+    """(log, announce): print a line and append it to train.log, on rank 0; announce does it
+    from a signal handler, which may run inside a print, so unbuffered."""
     log_file = opened.enter_context(open(work_dir / 'train.log', 'a')) if runtime.rank == 0 \
         else None
 
@@ -786,29 +661,26 @@ def open_log(work_dir, runtime, opened):
             append_line(log_file, message)
 
     def announce(message):
-        if runtime.rank == 0:
-            with contextlib.suppress(OSError):      # a full disk: the stop goes on regardless
-                for stream in (sys.stdout, log_file):
-                    stream.flush()
-                    os.write(stream.fileno(), (message + '\n').encode())
+        with contextlib.suppress(OSError):      # a full disk: the stop goes on regardless
+            for stream in (sys.stdout, log_file) if runtime.rank == 0 else ():
+                stream.flush()
+                os.write(stream.fileno(), (message + '\n').encode())
     return log, announce
 
 
 def append_line(file, line):
-    """Append a line to an open record (train.log, metrics.jsonl), flushed; a write that fails
-    (a full disk) is OutputError naming the file and what to do."""
+    """Append a line to train.log or metrics.jsonl, flushed; a full disk is OutputError."""
     try:
         file.write(line + '\n')
         file.flush()
     except OSError as e:
-        raise OutputError(write_failure(
-            file.name, e, then='continue with --resume-from auto')) from None
+        raise OutputError(write_failure(file.name, e, then='continue with --resume-from auto')) \
+            from None
 
 
 def open_tensorboard(folder, start_iter):
-    """A SummaryWriter into `folder` whose curves continue at start_iter + 1: the events a
-    killed or earlier run wrote after start_iter are dropped first (each file is rewritten
-    without them), so that no step is there twice or goes backwards."""
+    """A SummaryWriter whose curves continue at start_iter + 1: events a killed run wrote after
+    it are dropped first (each file rewritten), so that no step is there twice."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
     from torch.utils.tensorboard import SummaryWriter
@@ -816,7 +688,9 @@ def open_tensorboard(folder, start_iter):
     for path in sorted(folder.glob('events.out.tfevents.*')):
         kept = [event for event in EventFileLoader(str(path)).Load()
                 if not event.HasField('file_version') and event.step <= start_iter]
-        if kept:                              # written beside, then renamed over the original
+        if not kept:
+            path.unlink()
+        else:                                 # written beside, then renamed over the original
             staging = folder / 'rewrite'
             shutil.rmtree(staging, ignore_errors=True)
             writer = EventFileWriter(str(staging))
@@ -825,33 +699,14 @@ def open_tensorboard(folder, start_iter):
             writer.close()
             os.replace(next(staging.glob('events.out.tfevents.*')), path)
             staging.rmdir()
-        else:
-            path.unlink()
     return SummaryWriter(str(folder))
 
 
-def tag_name(name):
-    """A class name as TensorBoard takes it in a tag (it would rename it with a warning)."""
-    return re.sub(r'[^\w./-]', '_', name)
-
-
-# ----------------------------------------------------------------------------------------------
-# Faults: another run or an earlier one in the work dir, a stop signal, a dead worker or peer
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- Faults: the work dir's runs, a stop signal, a dead worker or peer -----------------------
 def hold_work_dir(args, runtime):
-    """One run per work dir: rank 0 creates it, locks WORK_DIR/train.lock until the lock's file
-    is closed or the process dies, and refuses a fresh start over an earlier run's checkpoints
-    (earlier_run); every rank learns the verdict. Returns (the lock's open file, None on ranks
-    > 0; the files and folders this run made there, in order; the line earlier_run gives).
-
-    A POSIX record lock (lockf), not flock: it belongs to this process alone. The data workers,
-    label-survey processes and cache writers forked later inherit the open file, and with flock
-    they would hold the lock on until they noticed their parent's death, refusing a restart
-    right after a kill -9; a record lock is never inherited, and the kernel drops it the moment
-    this process dies, however it dies."""
-    work_dir, verdict, lock, made, note = Path(args.work_dir), None, None, [], None
+    """One run per work dir: rank 0 makes it, locks it and refuses a fresh start over an earlier
+    run; every rank learns the verdict. (The lock or None, what it made, earlier_run's line)."""
+    work_dir, verdict, lock, made, note = Path(args.work_dir), [None], None, [], None
     if runtime.rank == 0:
         made = [path for path in (work_dir, work_dir / 'train.lock', work_dir / 'train.log',
                                   work_dir / 'metrics.jsonl') if not path.exists()]
@@ -860,52 +715,41 @@ def hold_work_dir(args, runtime):
             lock = lock_work_dir(work_dir)
             note = earlier_run(args, work_dir)
         except SetupError as e:
-            verdict = str(e)
+            verdict = [str(e)]
     if runtime.distributed:
-        shared = [verdict]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        verdict = shared[0]
-    if verdict:
+        torch.distributed.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
         if lock is not None:
             lock.close()
-        raise SetupError(verdict)
+        raise SetupError(verdict[0])
     return lock, made, note
 
 
 def lock_work_dir(work_dir):
-    """WORK_DIR/train.lock, locked by this process and naming it (hold_work_dir); None where
-    the system has no record locks."""
+    """WORK_DIR/train.lock, locked and naming this process (None without record locks). A POSIX
+    record lock, not flock: forked workers do not inherit it, and it ends with this process."""
     if fcntl is None:
         return None
-    path = work_dir / 'train.lock'
-    lock = open(path, 'a+')
+    lock = open(work_dir / 'train.lock', 'a+')
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.seek(0)
         host, pid = (lock.read().split() + ['?', '?'])[:2]
         lock.close()
-        raise SetupError(f'{work_dir} is in use by another training run (pid {pid} on '
-                                 f'{host}): stop that run, or give this one another --work-dir')
-    try:
-        lock.seek(0)
+        raise SetupError(f'{work_dir} is in use by another training run (pid {pid} on {host}): '
+                         f'stop that run, or give this one another --work-dir')
+    with contextlib.suppress(OSError):      # who holds it, for the line above; a full disk
+        lock.seek(0)                        # is said by the log's first line instead
         lock.truncate()
         lock.write(f'{socket.gethostname()} {os.getpid()}\n')
         lock.flush()
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            lock.close()
-        raise OutputError(write_failure(path, e)) from None
     return lock
-
-EARLIER_RUN = ('latest.pth', 'best.pth', 'metrics.jsonl', 'train.log', 'tensorboard', 'prof',
-               'demo_predictions')
 
 
 def earlier_run(args, work_dir):
-    """A fresh start (no --resume-from) in a work dir that holds checkpoints is refused in one
-    line that names them and what to do; with --start-over the earlier run's files are moved to
-    WORK_DIR/earlier-N/ first, and the line to log says where. None where there is none."""
+    """A fresh start over an earlier run's checkpoints: refused in one line, or with --start-over
+    its files moved to WORK_DIR/earlier-N/ (the line to log). None where there is none."""
     checkpoints = checkpoints_newest_first(work_dir) + [
         path for path in [work_dir / 'best.pth'] if path.is_file()]
     if args.resume_from or not checkpoints:
@@ -913,26 +757,23 @@ def earlier_run(args, work_dir):
     names = ', '.join(path.name for path in checkpoints[:3]) + (
         f' and {len(checkpoints) - 3} more' if len(checkpoints) > 3 else '')
     if not args.start_over:
-        raise SetupError(f'{work_dir} holds an earlier run\'s checkpoints ({names}): '
-                                 f'continue it with --resume-from auto, start afresh in another '
-                                 f'--work-dir, or add --start-over to move its files to '
-                                 f'{work_dir}/earlier-N/ first')
-    number = 1
-    while (work_dir / f'earlier-{number}').exists():
-        number += 1
-    folder = work_dir / f'earlier-{number}'
+        raise SetupError(f'{work_dir} holds an earlier run\'s checkpoints ({names}): continue it '
+                         f'with --resume-from auto, start afresh in another --work-dir, or add '
+                         f'--start-over to move its files to {work_dir}/earlier-N/ first')
+    folder = next(work_dir / f'earlier-{n}' for n in range(1, 10 ** 6)
+                  if not (work_dir / f'earlier-{n}').exists())
     folder.mkdir()
-    for path in checkpoints + [work_dir / name for name in EARLIER_RUN]:
+    for path in checkpoints + [work_dir / name for name in (
+            'latest.pth', 'best.pth', 'metrics.jsonl', 'train.log', 'tensorboard', 'prof',
+            'demo_predictions')]:
         if path.exists():
             path.replace(folder / path.name)
     return f'--start-over: the earlier run\'s checkpoints and records are now in {folder}'
 
 
 def forget_failed_start(made):
-    """After a run that failed: remove what it made in the work dir (hold_work_dir's list), so
-    that a start that failed before training (a bad weight file, a data set that cannot be
-    read; no metrics.jsonl yet) leaves no lock, log or folder behind, and a later failure
-    leaves no lock or empty file."""
+    """After a failure, remove what the run made: all of it where it never trained (no
+    metrics.jsonl yet), else its lock and empty files."""
     started = any(path.name == 'metrics.jsonl' and path.exists() for path in made)
     for path in reversed(made):
         with contextlib.suppress(OSError):
@@ -943,28 +784,27 @@ def forget_failed_start(made):
 
 
 def fault_line(error, args):
-    """One line for a fault that ends a run from outside the code (a killed data worker, a
-    dead peer process), with what to do; None for any other error."""
+    """One line for a fault from outside (out of memory, a killed worker, a dead peer), or None."""
     message = str(error).strip()
     checkpoints = checkpoints_newest_first(Path(args.work_dir))
-    resume = f'{checkpoints[0]}' if checkpoints else 'none yet'
+    last = checkpoints[0] if checkpoints else 'none yet'
+    then = f'continue with --resume-from auto (last checkpoint: {last})'
     if isinstance(error, MemoryError) or any(text in message for text in (
             'out of memory', "can't allocate memory", 'not enough memory')):
-        return (f'out of memory ("{one_line(error)[:120]}"): give a smaller --batch-size '
-                f'or --crop-size, and continue with --resume-from auto (last checkpoint: '
-                f'{resume})')
+        return (f'out of memory ("{one_line(error)[:120]}"): give a smaller --batch-size or '
+                f'--crop-size, and {then}')
     if 'DataLoader worker' in message:
-        return (f'a data-loading worker died ("{one_line(error)}"), most likely '
-                f'killed for memory by the out-of-memory killer: run with fewer --workers, or '
-                f'with --cache-dir (decoded images shared through the page cache), and continue '
-                f'with --resume-from auto (last checkpoint: {resume})')
-    peer_lost = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe')
-    if isinstance(error, getattr(torch.distributed, 'DistBackendError', ())) \
-            or any(text in message for text in peer_lost):
+        return (f'a data-loading worker died ("{one_line(error)}"), most likely killed for '
+                f'memory by the out-of-memory killer: run with fewer --workers, or with '
+                f'--cache-dir (decoded images shared through the page cache), and {then}')
+    if isinstance(error, getattr(torch.distributed, 'DistBackendError', ())) or any(
+            text in message for text in ('Connection closed by peer', 'Connection reset by peer',
+                                         'Broken pipe')):
         return (f'another process of this job died, and with it the connection to its peers; '
                 f'under torchrun --max-restarts the job restarts and --resume-from auto '
-                f'continues from the last checkpoint ({resume})')
+                f'continues from the last checkpoint ({last})')
     return None
+
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -977,16 +817,10 @@ def interrupted(args):
 
 
 class StopRequest:
-    """SIGTERM and SIGINT while training (a scheduler's preemption, Ctrl-C), as a context.
-
-    The first one is answered at once, in one line: the iteration whose sync point will save
-    latest.pth and stop the run (`at`, the first sync point after the steps done so far: all
-    ranks agree there). A second SIGINT quits at once, with the line main() gives an
-    interruption: the process exits there and then (whatever a library was doing: nothing of
-    it needs to survive), except while a checkpoint is being written (`saving`), which the
-    KeyboardInterrupt raised instead turns into a removed temporary file. A second SIGTERM
-    changes nothing. The loop keeps `done`, the steps done. Processes forked while it is
-    installed inherit it and ignore both signals. The previous handlers return on leaving."""
+    """SIGTERM and SIGINT while training, as a context. The first is answered in one line: the
+    sync point that will save latest.pth and stop (`at`: the same on every rank). A second
+    SIGINT quits at once, or while a checkpoint is written (`saving`) drops that file; a second
+    SIGTERM changes nothing. The loop keeps `done`; forked processes ignore both."""
 
     def __init__(self, done, args, validate, announce):
         self.done, self.args, self.validate, self.announce = done, args, validate, announce
@@ -1001,24 +835,23 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def handle(self, signum, frame):
-        if os.getpid() != self.pid:
+        if os.getpid() != self.pid or self.signal is not None and signum == signal.SIGTERM:
             return
-        if self.signal is not None:
-            if signum == signal.SIGINT and self.saving:
-                raise KeyboardInterrupt
-            if signum == signal.SIGINT:
-                sys.stdout.flush()
-                os.write(sys.stderr.fileno(), (interrupted(self.args) + '\n').encode())
-                # The data workers too: in process groups of their own, they would live on for
-                # seconds, until they noticed, holding the terminal's or a pipe's output open.
-                for child in multiprocessing.active_children():
-                    child.kill()
-                os._exit(130)                       # the shell's status for SIGINT
-            return
-        # Whatever `done` this sees (the step under way, or a sync point already passed), the
-        # loop stops at the first sync point at or after `at`, which is `at` itself.
+        if self.signal is not None and self.saving:
+            raise KeyboardInterrupt
+        if self.signal is not None:                 # a second Ctrl-C
+            sys.stdout.flush()
+            os.write(sys.stderr.fileno(), (interrupted(self.args) + '\n').encode())
+            # The data workers too: in process groups of their own, they would live on until
+            # they noticed, holding the terminal's or a pipe's output open.
+            for child in multiprocessing.active_children():
+                child.kill()
+            os._exit(130)                           # the shell's status for SIGINT
+        # Whatever `done` this sees (a step under way, or a sync point passed), the loop stops
+        # at the first sync point at or after `at`, which is `at` itself.
         self.signal = signal.Signals(signum).name
-        self.at = next_sync_point(self.done + 1, self.args, self.validate)
+        self.at = next((i for i in range(self.done + 1, self.args.iters)
+                        if any(due(i, self.args, self.validate))), self.args.iters)
         self.announce(f'{self.signal}: stopping at iteration {self.at}, the next sync point, '
                       f'after saving latest.pth there'
                       + ('; Ctrl-C again quits at once, keeping the checkpoints written so far'
@@ -1042,16 +875,14 @@ def main(argv=None):
     except (SetupError, data.DatasetError, bisenet.CheckpointError) as e:
         fail(f'error: {one_line(e)}')
     except KeyboardInterrupt:
-        print(interrupted(args), file=sys.stderr, flush=True)
-        sys.exit(130)                               # the shell's status for SIGINT
+        fail(interrupted(args), 130)                # the shell's status for SIGINT
     except (RuntimeError, MemoryError) as e:
         line = fault_line(e, args) if runtime is not None else None
         if line is None:
             raise
         fail(f'error: {line}')
     finally:
-        # Files flush at each line: a full disk failing them again here was reported already.
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):     # files flush at each line: a full disk was said
             opened.close()
             if lock is not None:
                 lock.close()                        # and with it the work dir's lock

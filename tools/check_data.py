@@ -26,6 +26,20 @@ from data import all_cores  # noqa: E402
 import eval as evaluation  # noqa: E402
 
 
+def groups_of(details):
+    """The labels that hold the same stray value or colour, grouped ({kind: {'labels', 'bad',
+    'pixels', 'first': the first one's problem}}), and the other problems."""
+    groups, others = {}, []
+    for message, kind, bad, label in details:
+        if kind is None:
+            others.append(message)
+            continue
+        group = groups.setdefault(kind, {'labels': [], 'bad': 0, 'pixels': 0, 'first': message})
+        group['labels'].append(label)
+        group['bad'], group['pixels'] = group['bad'] + bad[0], group['pixels'] + bad[1]
+    return groups, others
+
+
 def group_line(kind, group, layout):
     """One line for every label that holds the same stray value or colour (survey's groups):
     how many, their share of those labels' pixels, the first few, and what to do."""
@@ -45,9 +59,9 @@ def group_line(kind, group, layout):
 
 
 def check_data(root, splits=('train', 'val'), processes=None):
-    """python bisenet.py --check-data ROOT: every image and label of every split decoded and
-    looked at, on all cores. Prints per split the images, their sizes, each class's share of
-    the pixels and every problem; returns the number of problems."""
+    """Every image and label of every split decoded and looked at, on all cores: prints per split
+    the images, their sizes, each class's share of the pixels and every problem; returns how
+    many problems."""
     layout = data.Layout(root)
     processes = processes or all_cores()
     source = (f'from {layout.classes_file}' if layout.classes_file
@@ -64,7 +78,8 @@ def check_data(root, splits=('train', 'val'), processes=None):
         found = data.survey(layout, split, samples, processes=processes, decode=True)
         looked += found['looked']
         total += len(problems) + len(found['problems'])
-        problems += found['ungrouped']
+        groups, others = groups_of(found['details'])
+        problems += others
         sizes, pixels = found['sizes'], found['pixels']
         line = f'{split}: {len(samples)} images'
         if sizes:
@@ -75,12 +90,12 @@ def check_data(root, splits=('train', 'val'), processes=None):
         rows = [(name, share[train_id]) for train_id, name in enumerate(layout.classes)]
         rows.append(('(ignored)', share[data.IGNORE_INDEX]))
         rows += [(f'value {value}: no class', group['bad'] / max(pixels.sum(), 1))
-                 for (kind, value), group in found['groups'].items() if kind == 'value']
+                 for (kind, value), group in groups.items() if kind == 'value']
         width = max(len(name) for name, _ in rows) + 2
         print(f'  {"class":<{width}}share of pixels')
         for name, value in rows:
             print(f'  {name:<{width}}{100 * value:6.2f}%')
-        for kind, group in found['groups'].items():     # one line for each stray value
+        for kind, group in groups.items():              # one line for each stray value
             line = group['first'] if len(group['labels']) == 1 else group_line(kind, group, layout)
             print(f'  problem: {line}')
         for problem in problems:
@@ -104,7 +119,7 @@ def decode_files(sample):
 def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_dir=None):
     """Per-image cost of a DataLoader worker (one thread) against a bare decode of the files;
     with cache_dir also the same worker reading a warm decoded-data cache, filled first; and
-    the check of --check-data against a bare decode of the images and labels, on all cores."""
+    the check against a bare decode of the images and labels, on all cores."""
     torch.set_num_threads(1)
     transform = data.TrainTransform(crop_size, on_device=True)
     dataset = data.SegmentationDataset(root, split, transform)
@@ -117,7 +132,7 @@ def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_
             work(position, i)
         return (time.perf_counter() - start) / count
 
-    decode = per_image(lambda _, i: [Image.open(path).load() for path in dataset.samples[i][:2]])
+    decode = per_image(lambda _, i: decode_files(dataset.samples[i]))
     worker = per_image(lambda position, i: dataset[(i, (0, position))])
     print(f'{count} images of {root}/{split}, crop {crop_size[0]}x{crop_size[1]}, one thread')
     print(f'bare decode (image + label): {decode * 1e3:6.1f} ms per image')
@@ -140,13 +155,12 @@ def benchmark_data(root, split='train', crop_size=(1024, 1024), count=20, cache_
             'bare decode': lambda: pool.map(decode_files, samples, chunksize=chunk),
             'check': lambda: pool.map(check, samples, chunksize=chunk)}, rounds=4)
     bare, check = (min(times[name][1:]) / len(samples) for name in times)
-    print(f'the check of --check-data on {processes} processes: {check * 1e3:.2f} ms per image '
-          f'and label against {bare * 1e3:.2f} ms for a bare decode of both ({check / bare:.2f} '
-          f'x)')
+    print(f'the check on {processes} processes: {check * 1e3:.2f} ms per image and label '
+          f'against {bare * 1e3:.2f} ms for a bare decode of both ({check / bare:.2f} x)')
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('root', metavar='ROOT', help='a data set folder')
     parser.add_argument('--splits', nargs='+', default=['train', 'val'])
     parser.add_argument('--bench', action='store_true', help='time the training data pipeline')

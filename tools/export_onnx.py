@@ -80,7 +80,7 @@ def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)
     """Write the fast path (BN folded) as ONNX (onnx_graph), atomically; then run it with
     onnxruntime next to PyTorch on random images of `check_sizes`: label agreement, largest
     logit difference, CPU time per image. Returns the lowest agreement."""
-    onnx, onnxruntime = import_onnx('--export-onnx', need_onnxruntime=False)
+    onnx, onnxruntime = import_onnx('the export', need_onnxruntime=False)
     deployable = Deployable(evaluation.prepare_for_inference(model, Runtime('cpu')), True).eval()
     graph = onnx_graph(onnx, deployable, model.classes, model.palette)
     save_bytes(path, (graph if logits else labels_only(graph)).SerializeToString())
@@ -224,10 +224,11 @@ def calibration_images(args):
         held_out = [rest[i] for i in data.spread(len(rest), 8)]
     else:
         try:
-            train = data.SegmentationDataset(args.data_path or evaluation.DEFAULT_DATA_PATH, 'train')
+            train = data.SegmentationDataset(args.data_path or evaluation.DEFAULT_DATA_PATH,
+                                             'train')
         except data.DatasetError as e:
             raise SetupError(f'--int8 calibrates on --calibrate DIR, or on the train '
-                                     f'split of --data-path, which cannot be read: {e}') from None
+                             f'split of --data-path, which cannot be read: {e}') from None
         calibration = [train.samples[i].image for i in data.spread(len(train), count)]
         try:
             val = data.SegmentationDataset(args.data_path or evaluation.DEFAULT_DATA_PATH, 'val')
@@ -243,7 +244,8 @@ def calibration_images(args):
             except data.IMAGE_ERRORS as e:
                 print(f'skipped {path}: cannot read it ({one_line(e)})', file=sys.stderr)
                 continue
-            pixels = evaluation.rescaled(image, scale)[1] if scale else data.pixels(image).permute(2, 0, 1)
+            pixels = evaluation.rescaled(image, scale)[1] if scale \
+                else data.pixels(image).permute(2, 0, 1)
             images.append(pixels.permute(1, 2, 0)[None].numpy())
         return images
     calibration, held_out = load(calibration), load(held_out)
@@ -253,7 +255,7 @@ def calibration_images(args):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('output', metavar='FILE', help='the ONNX file to write')
     parser.add_argument('--ckpt', required=True, help='checkpoint: ours or mmsegmentation\'s')
     parser.add_argument('--logits', action='store_true', help='also output the logits')
@@ -282,7 +284,7 @@ def main(argv=None):
             raise SetupError('--calibrate, --calibrate-count and --scale go with --int8')
         if args.calibrate_count is not None and args.calibrate_count < 1:
             raise SetupError(f'--calibrate-count must be at least 1, not '
-                                     f'{args.calibrate_count}')
+                             f'{args.calibrate_count}')
         output_file(args.output, 'the ONNX file\'s folder')
         model = bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle).eval()
         if args.int8:
@@ -291,7 +293,7 @@ def main(argv=None):
         agreement = export_onnx(model, args.output, args.logits)
         if agreement is not None and agreement < 0.9999:
             raise SetupError(f'the ONNX label maps agree with PyTorch on only '
-                                     f'{100 * agreement:.3f}% of the pixels')
+                             f'{100 * agreement:.3f}% of the pixels')
     evaluation.guarded(args, work)
 
 

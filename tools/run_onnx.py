@@ -39,7 +39,7 @@ def import_onnx(flag, need_onnxruntime=True):
         onnxruntime = None
     if onnx is None or (onnxruntime is None and need_onnxruntime):
         raise SetupError(f'{flag} needs the onnx and onnxruntime packages: pip install '
-                                 f'onnx onnxruntime') from None
+                         f'onnx onnxruntime') from None
     return onnx, onnxruntime
 
 
@@ -70,7 +70,7 @@ class OnnxModel:
         if zipfile.is_zipfile(path):                # what torch.save writes
             raise bisenet.CheckpointError(f'{path} is a PyTorch checkpoint, not an ONNX file: '
                                           f'give it with --ckpt')
-        onnx, onnxruntime = import_onnx('--onnx')
+        onnx, onnxruntime = import_onnx('running an ONNX file')
         try:
             self.session = onnx_session(onnxruntime, path, threads)
         except Exception as e:      # onnxruntime's own error types: not a model, unreadable
@@ -86,7 +86,7 @@ class OnnxModel:
                 or 'labels' not in outputs:
             raise bisenet.CheckpointError(f'{path} is no BiSeNetV1 export with its classes '
                                           f'(image -> labels, metadata "classes"): export it '
-                                          f'with eval.py --export-onnx')
+                                          f'with tools/export_onnx.py')
         self.classes, self.palette = bisenet.class_meta(len(names), names, palette)
         self.num_classes, self.logits = len(self.classes), 'logits' in outputs
         self.threads = threads or all_cores()
@@ -126,7 +126,7 @@ def benchmark_onnx(model, size=(1024, 2048), warmup=2, rounds=6, log=print):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('onnx', metavar='FILE', help='an ONNX file of tools/export_onnx.py')
     parser.add_argument('--data-path', '--data_path', help='a data set to evaluate on (default '
                         f'{evaluation.DEFAULT_DATA_PATH})')

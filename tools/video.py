@@ -34,18 +34,16 @@ from data import OutputError, write_failure  # noqa: E402
 
 VIDEO_SUFFIXES = ('.mp4', '.mkv', '.mov', '.avi', '.webm', '.m4v', '.mpg', '.mpeg', '.ts',
                   '.flv', '.wmv', '.3gp')
-
 MP4_AUDIO = ('aac', 'mp3', 'ac3', 'eac3', 'opus', 'alac', 'flac')    # what MP4 holds as it is
-
 STAGES = ('decoding', 'the model', 'drawing and encoding')        # each in a thread of its own
 
 
 def import_av():
-    """PyAV, FFmpeg's libraries in a wheel: an optional extra, asked for by --video alone."""
+    """PyAV, FFmpeg's libraries in a wheel: an optional extra, which only this tool needs."""
     try:
         import av
     except ImportError:
-        raise SetupError('--video needs PyAV (FFmpeg for Python): pip install av') \
+        raise SetupError('tools/video.py needs PyAV (FFmpeg for Python): pip install av') \
             from None
     return av
 
@@ -117,7 +115,7 @@ def overlay(pred, image, classes, palette, legends=None):
     legends = {} if legends is None else legends
     if present not in legends:
         legends[present] = evaluation.legend(present, classes, palette, frame.width,
-                                  max(11, frame.height // 40))
+                                             max(11, frame.height // 40))
     key = legends[present]
     if key.height <= frame.height // 3:
         frame.paste(key.crop((0, 0, frame.width, key.height)), (0, frame.height - key.height))
@@ -166,8 +164,9 @@ class VideoOutputs:
     def frame(self, index, pts, pred, image):
         """Write frame `index` (pts in the input's time base) and its label map `pred`."""
         if self.out_dir:
-            evaluation.save_prediction(pred, image, f'{self.name}/{index:06d}.png', None, self.out_dir,
-                            None, self.classes, self.palette, label_ids=self.label_ids)
+            evaluation.save_prediction(pred, image, f'{self.name}/{index:06d}.png', None,
+                                       self.out_dir, None, self.classes, self.palette,
+                                       label_ids=self.label_ids)
         if self.container is not None:
             frame = self.av.VideoFrame.from_image(overlay(pred, image, self.classes,
                                                           self.palette, self.legends))
@@ -331,7 +330,7 @@ def segment_videos(av, model, paths, runtime, mode='whole', aug_test=False, out_
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('videos', nargs='+', metavar='PATH', help='video files (mp4, mkv, mov, '
                         'avi, webm, ...), folders (searched recursively) or globs')
     parser.add_argument('--ckpt', help='checkpoint: ours (train.py) or mmsegmentation\'s')
@@ -365,10 +364,10 @@ def main(argv=None):
             raise SetupError('give the model: --ckpt CKPT, or --onnx FILE')
         if args.onnx and (args.amp or args.compile):
             raise SetupError('--onnx runs the file with onnxruntime on the CPU, in the '
-                                     'precision it was exported in: drop --amp and --compile')
+                             'precision it was exported in: drop --amp and --compile')
         if args.scale and min(args.scale) <= 0:
             raise SetupError(f'--scale takes a positive width and height, not '
-                                     f'{args.scale[0]} {args.scale[1]}')
+                             f'{args.scale[0]} {args.scale[1]}')
         paths = evaluation.find_images(args.videos, '', VIDEO_SUFFIXES, 'video')
         av = import_av()                                # a missing PyAV: before any work
         out_dir, show_dir = evaluation.output_folders(args)
@@ -381,15 +380,15 @@ def main(argv=None):
                 args.compile)
         scale = tuple(args.scale or evaluation.TEST_SCALE)
         runtime.print0(f'segmenting {len(paths)} videos with {args.ckpt or args.onnx} '
-                        f'({model.num_classes} classes), fit to {scale[0]} x {scale[1]}, '
-                        f'{runtime.device}, {runtime.precision}; writing ' + ' and '.join(
-                            f'{what} to {folder}' for what, folder in (
-                                ('label maps', out_dir), ('overlay videos', show_dir)) if folder))
+                       f'({model.num_classes} classes), fit to {scale[0]} x {scale[1]}, '
+                       f'{runtime.device}, {runtime.precision}; writing ' + ' and '.join(
+                           f'{what} to {folder}' for what, folder in (
+                               ('label maps', out_dir), ('overlay videos', show_dir)) if folder))
         failed = segment_videos(av, model, paths, runtime, args.mode, args.aug_test, out_dir,
                                 show_dir, scale, log=runtime.print0)
         if failed:
             fail(f'error: {len(failed)} of the videos could not be read in full (named '
-                         f'above); the others were written')
+                 f'above); the others were written')
     evaluation.guarded(args, work, 'cpu' if args.onnx else args.device)
 
 
