@@ -369,7 +369,9 @@ def segment(model, image, small, runtime, mode='whole', aug_test=False):
     with runtime.autocast():
         scores = predict(model, x.contiguous(memory_format=runtime.inference_format),
                          model.num_classes, mode, aug_test)
-    scores = F.interpolate(scores, size=image.shape[1:], mode='bilinear', align_corners=False)
+    if scores.shape[2:] != image.shape[1:]:           # at its own size: nothing to resize
+        scores = F.interpolate(scores, size=image.shape[1:], mode='bilinear',
+                               align_corners=False)
     return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 

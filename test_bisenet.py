@@ -1413,8 +1413,8 @@ def test_onnx_export_matches_eval_label_maps(initial_checkpoint, tmp_path):
         labels = session.run(None, {'image': image[None]})[0][0]
         assert labels.dtype == np.uint8 and labels.shape == (height, width)
         assert (labels == written).mean() >= 0.9999 and len(np.unique(labels)) > 1
-    # The README's onnxruntime example runs as written, next to the exported file.
-    example = (HERE / 'README.md').read_text().split('```python\n')[1].split('```')[0]
+    # tools/README.md's onnxruntime example runs as written, next to the exported file.
+    example = (HERE / 'tools' / 'README.md').read_text().split('```python\n')[1].split('```')[0]
     shutil.copy(tmp_path / 'm.onnx', tmp_path / 'bisenet.onnx')
     Image.fromarray(datalib.synthetic_scene(np.random.default_rng(0), (300, 200))[0]).save(
         tmp_path / 'street.jpg')
@@ -1510,6 +1510,38 @@ def test_onnx_file_with_logits_segments_images_as_its_checkpoint(own_images, ini
     assert len(skipped) == 1 and skipped[0].startswith(f'skipped {own_images / "broken.png"}')
     assert 'calibrating the int8 model on 3 images' in result.stdout
     assert 'of 3 held-out images' in result.stdout and (tmp_path / 'i8.onnx').is_file()
+
+
+def test_openvino_evaluates_an_exported_file_as_onnxruntime_does(data, initial_checkpoint,
+                                                                  tmp_path, monkeypatch):
+    """The same file, run by OpenVINO in the precision it picks (bf16 on CPUs that have it)
+    and by onnxruntime: the same mIoU within 0.1, labels equal on >= 99.5% of the pixels; the
+    benchmark times both side by side."""
+    for package in ('onnx', 'onnxruntime', 'openvino'):
+        pytest.importorskip(package)
+    model = bisenet.model_from_checkpoint(initial_checkpoint).eval()
+    export_onnx.export_onnx(model, tmp_path / 'm.onnx', check_sizes=((64, 128),),
+                            log=lambda line: None)
+    metrics, equal, total = {}, 0, 0
+    for name in run_onnx.RUNTIMES:
+        run_here(run_onnx, tmp_path / 'm.onnx', '--runtime', name, '--data-path', data,
+                 '--workers', 0, '--json', tmp_path / f'{name}.json', '--out-dir', tmp_path / name,
+                 check=True)
+        metrics[name] = json.loads((tmp_path / f'{name}.json').read_text())['mIoU']
+    assert abs(metrics['openvino'] - metrics['onnxruntime']) <= 0.1, metrics
+    for label in (tmp_path / 'onnxruntime').rglob('*.png'):
+        other = np.array(Image.open(tmp_path / 'openvino' / label.relative_to(tmp_path /
+                                                                              'onnxruntime')))
+        equal, total = equal + int((np.array(Image.open(label)) == other).sum()), total + other.size
+    assert total and equal / total >= 0.995, equal / total
+    lines = []
+    run_onnx.benchmark_onnx(run_onnx.OnnxModel(tmp_path / 'm.onnx', runtime='openvino'),
+                            size=(64, 128), warmup=1, rounds=2, log=lines.append)
+    assert 'OpenVINO on the CPU in' in lines[0] and 'x the time of openvino' in lines[1]
+    assert 'in OpenVINO\'s own call' in lines[2] and lines[-1].startswith('FPS: ')
+    monkeypatch.setitem(sys.modules, 'openvino', None)                   # as if not installed
+    assert_one_line_error(run_here(run_onnx, tmp_path / 'm.onnx', '--runtime', 'openvino',
+                                   '--benchmark'), 'pip install openvino')
 
 
 def test_onnx_flags_that_cannot_work_are_one_line(checkpoint, tmp_path, monkeypatch):

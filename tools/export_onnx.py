@@ -8,6 +8,7 @@ PyTorch with onnxruntime. tools/run_onnx.py and tools/video.py run the file.
 """
 import argparse
 import copy
+import importlib.util
 import inspect
 import json
 import sys
@@ -26,7 +27,7 @@ import bisenet  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 from data import output_file, save_bytes  # noqa: E402
-from run_onnx import import_onnx, onnx_session  # noqa: E402
+from run_onnx import import_onnx, load_onnx, onnx_session  # noqa: E402
 
 CALIBRATION_IMAGES = 32                             # --int8's default: a few dozen suffice
 
@@ -112,14 +113,16 @@ def export_onnx(model, path, logits=False, check_sizes=((1024, 2048), (600, 800)
 
 
 def time_per_image(runs, size, rounds=3):
-    """Median seconds per random uint8 image of `size` (h, w) of each onnxruntime session or
-    Deployable in `runs` (of label maps alone, as users run them), in alternating rounds, the
-    first a warm-up."""
+    """Median seconds per random uint8 image of `size` (h, w) of each onnxruntime session,
+    Deployable or load_onnx() runner in `runs` (of label maps alone, as users run them), in
+    alternating rounds, the first a warm-up."""
     image = torch.randint(0, 256, (1, *size, 3), dtype=torch.uint8)
 
     def call(run):
         if isinstance(run, nn.Module):
             return lambda: run(image)
+        if callable(run):
+            return lambda: run(['labels'], image.numpy())
         return lambda: run.run(None, {'image': image.numpy()})
     with torch.no_grad():
         times = evaluation.time_alternately({n: call(r) for n, r in runs.items()}, rounds)
@@ -194,8 +197,13 @@ def export_int8(model, path, calibration, held_out=(), logits=False, log=print):
         line += f', {100 * agreement:.2f}% of {len(held_out)} held-out images'
     log(line)
     time_size = calibration[0].shape[1:3]
-    times = time_per_image(dict(sessions, **{'PyTorch fast path': Deployable(deployable.model)}),
-                           time_size)
+    runs = dict(sessions, **{'PyTorch fast path': Deployable(deployable.model)})
+    if importlib.util.find_spec('openvino') is not None:      # where installed, beside them
+        with tempfile.TemporaryDirectory() as folder:
+            for name, graph in (('int8', int8), ('fp32', fp32)):
+                onnx.save(labels_only(graph), f'{folder}/{name}.onnx')
+                runs[f'{name} OpenVINO'] = load_onnx(f'{folder}/{name}.onnx', 'openvino')[0]
+    times = time_per_image(runs, time_size)
     int8_time = times['int8 onnxruntime']
     log(f'CPU time per {time_size[0]} x {time_size[1]} image: ' + ', '.join(
         f'{name} {t * 1e3:.0f} ms' for name, t in times.items())

@@ -4,7 +4,8 @@ behind it in threads of their own. Needs PyAV (pip install av).
 
     python tools/video.py --ckpt CKPT drive.mp4 clips/            # overlay videos, H.264
     python tools/video.py --ckpt CKPT drive.mp4 --out-dir labels  # label maps, one PNG a frame
-    python tools/video.py --onnx bisenet_int8.onnx drive.mp4      # an exported file
+    python tools/video.py --onnx bisenet.onnx drive.mp4           # an exported file
+    python tools/video.py --onnx bisenet.onnx --runtime openvino drive.mp4
 
 --show-dir writes DIR/NAME.mp4 at the input's size, frame rate and length, its audio copied;
 --out-dir writes DIR/NAME/000000.png, ..., the PNGs eval.py --images writes.
@@ -335,7 +336,9 @@ def get_args_parser():
                         'avi, webm, ...), folders (searched recursively) or globs')
     parser.add_argument('--ckpt', help='checkpoint: ours (train.py) or mmsegmentation\'s')
     parser.add_argument('--onnx', metavar='FILE', help='an exported file in --ckpt\'s place, '
-                        'run by onnxruntime on the CPU (tools/export_onnx.py)')
+                        'run on the CPU (tools/export_onnx.py)')
+    parser.add_argument('--runtime', choices=('onnxruntime', 'openvino'), help='with --onnx: '
+                        'what runs the file (default onnxruntime)')
     parser.add_argument('--out-dir', help='write each frame\'s label map here')
     parser.add_argument('--show-dir', help='write the overlay videos here (default '
                         'output/segmented, unless --out-dir)')
@@ -363,8 +366,10 @@ def main(argv=None):
         if not (args.ckpt or args.onnx):
             raise SetupError('give the model: --ckpt CKPT, or --onnx FILE')
         if args.onnx and (args.amp or args.compile):
-            raise SetupError('--onnx runs the file with onnxruntime on the CPU, in the '
-                             'precision it was exported in: drop --amp and --compile')
+            raise SetupError('--onnx runs the file on the CPU in the precision its runtime '
+                             'picks: drop --amp and --compile')
+        if args.runtime and not args.onnx:
+            raise SetupError('--runtime goes with --onnx FILE: drop it, or give the file')
         if args.scale and min(args.scale) <= 0:
             raise SetupError(f'--scale takes a positive width and height, not '
                              f'{args.scale[0]} {args.scale[1]}')
@@ -373,7 +378,7 @@ def main(argv=None):
         out_dir, show_dir = evaluation.output_folders(args)
         if args.onnx:
             from run_onnx import OnnxModel
-            model = OnnxModel(args.onnx, args.threads)
+            model = OnnxModel(args.onnx, args.threads, args.runtime or 'onnxruntime')
         else:
             model = evaluation.prepare_for_inference(
                 bisenet.model_from_checkpoint(args.ckpt, args.trust_pickle), runtime,
