@@ -2190,8 +2190,7 @@ def interrupt(command, ready, env=ENV):
     return subprocess.CompletedProcess(command, job.returncode, out, err)
 
 
-def test_ctrl_c_in_eval_is_one_line_saying_how_far_it_got(data, own_images, initial_checkpoint,
-                                                         tmp_path):
+def test_ctrl_c_in_eval_is_one_line_saying_how_far_it_got(own_images, initial_checkpoint, tmp_path):
     photos = tmp_path / 'photos'
     photos.mkdir()
     for i in range(12):
@@ -2206,8 +2205,9 @@ def test_ctrl_c_in_eval_is_one_line_saying_how_far_it_got(data, own_images, init
     assert not list((tmp_path / 'out').glob('*.tmp'))
     for label in (tmp_path / 'out').glob('*.png'):
         Image.open(label).load()                            # every file written is whole
-    result = interrupt(command + ['--data-path', str(data), '--show-dir', str(tmp_path / 'show')],
-                       tmp_path / 'show')
+    many = datalib.make_synthetic_cityscapes(tmp_path / 'many', num_train=1, num_val=40)
+    result = interrupt(command + ['--data-path', str(many), '--show-dir', str(tmp_path / 'show')],
+                       tmp_path / 'show')          # 40 images: still at work when Ctrl-C comes
     assert result.returncode == 130 and 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith('error: interrupted (Ctrl-C)')
 

@@ -11,6 +11,7 @@ OpenVINO (pip install openvino) picks its precision for the CPU: bf16 where it h
 AVX512-BF16, f32 elsewhere; --benchmark times every installed runtime on the file side by side.
 """
 import argparse
+import contextlib
 import functools
 import importlib.util
 import json
@@ -173,7 +174,8 @@ def benchmark_onnx(model, size=(1024, 2048), warmup=2, rounds=6, log=print):
     models = {model.runtime: model}
     for other in RUNTIMES:
         if other not in models and importlib.util.find_spec(other) is not None:
-            models[other] = OnnxModel(model.path, model.threads, other)
+            with contextlib.suppress(SetupError):       # a package it needs is missing
+                models[other] = OnnxModel(model.path, model.threads, other)
     runs = {name: functools.partial(m.run, ['labels'], image) for name, m in models.items()}
     how = {name: f'{m.backbone_name}, {m.how}' for name, m in models.items()}
     if 'openvino' in models:        # what the tool's OpenVINO time is measured against
