@@ -351,7 +351,8 @@ def get_args_parser():
     parser.add_argument('--amp', action='store_true', help='autocast')
     parser.add_argument('--amp-dtype', choices=('fp16', 'bf16'), default='fp16')
     parser.add_argument('--compile', action='store_true', help='torch.compile the fast path')
-    parser.add_argument('--threads', type=int, help='CPU threads (default all cores)')
+    parser.add_argument('--threads', type=int, help='CPU threads (default all cores; OpenVINO: '
+                        'its own choice)')
     parser.add_argument('--trust-pickle', action='store_true',
                         help='load a checkpoint that holds pickled objects (runs its code)')
     return parser
