@@ -14,8 +14,6 @@ import signal
 import sys
 from importlib import metadata
 
-import numpy as np
-
 try:
     import resource                      # peak memory on CPU; POSIX only
 except ImportError:
@@ -36,7 +34,7 @@ def numpy_problem(torch_version, numpy_version):
 
 
 try:                          # before torch loads: one line instead of its pages of warnings
-    _problem = numpy_problem(metadata.version('torch'), np.__version__)
+    _problem = numpy_problem(metadata.version('torch'), metadata.version('numpy'))
 except metadata.PackageNotFoundError:       # a torch built from source: nothing to check
     _problem = None
 if _problem:
@@ -44,6 +42,8 @@ if _problem:
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+
+FUSED_SGD = 'fused' in inspect.signature(torch.optim.SGD).parameters       # torch >= 2.3
 
 
 class SetupError(RuntimeError):
@@ -58,10 +58,8 @@ def one_line(error):
         return type(error).__name__
     lines = text.splitlines()
     line = lines[-1] if 'Traceback (most recent call last)' in text else lines[0]
-    name = type(error).__name__
-    for prefix in (f'{type(error).__module__}.{name}: ', f'{name}: '):
-        line = line[len(prefix):] if line.startswith(prefix) else line
-    return line
+    name = rf'^({re.escape(type(error).__module__)}\.)?{re.escape(type(error).__name__)}: '
+    return re.sub(name, '', line)
 
 
 def fail(line, status=1):
@@ -94,21 +92,6 @@ def npu_saturates():
     Ask after set_device: it initialises torch_npu."""
     supports_inf_nan = getattr(torch.npu.utils, 'is_support_inf_nan', None)
     return supports_inf_nan is not None and not supports_inf_nan()
-
-
-def fused_sgd_available():
-    return 'fused' in inspect.signature(torch.optim.SGD).parameters       # torch >= 2.3
-
-
-def sgd(parameters, fused=False, **kwargs):
-    """torch.optim.SGD with momentum buffers made now, at zero: the first step's arithmetic,
-    and zero after an fp16 overflow skips it (fused SGD would leave them uninitialised)."""
-    optimizer = torch.optim.SGD(parameters, **(dict(kwargs, fused=True) if fused else kwargs))
-    for group in optimizer.param_groups:
-        for parameter in group['params'] if group['momentum'] else []:
-            optimizer.state[parameter]['momentum_buffer'] = torch.zeros_like(
-                parameter, memory_format=torch.preserve_format)
-    return optimizer
 
 
 def init_worker(worker_id=None):
@@ -167,8 +150,7 @@ class Runtime:
             store = torch.distributed.PrefixStore(f'bisenet/round{restart}/', store)
             torch.distributed.init_process_group(self.backend, store=store, rank=rank,
                                                  world_size=world_size)
-        dtypes = {'fp16': torch.float16, 'bf16': torch.bfloat16}
-        self.amp_dtype = dtypes[amp_dtype] if amp else None
+        self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[amp_dtype] if amp else None
         self.precision = amp_dtype if amp else 'fp32'
         # channels_last: none on NPU; it pays at inference on CPU and CUDA, training on CUDA.
         self.train_format = torch.channels_last if device == 'cuda' else torch.contiguous_format
@@ -243,7 +225,7 @@ class Runtime:
         if mode == 'dynamic' and self.npu_scaler():
             waits.append("three times a step in torch_npu's fp16 GradScaler (it reads the "
                          "overflow flag and its growth counter on the host)")
-        elif mode == 'dynamic' and not (self.type == 'cuda' and fused_sgd_available()):
+        elif mode == 'dynamic' and not (self.type == 'cuda' and FUSED_SGD):
             waits.append('once a step in the fp16 GradScaler (it reads whether the gradients '
                          'overflowed, to skip the step)')
         if self.distributed and self.type != 'cpu':
@@ -252,10 +234,9 @@ class Runtime:
         if waits:
             notes.append(f'note: the host waits for the device {"; and ".join(waits)}')
         if mode == 'static' and npu_saturates():
-            notes.append('note: this NPU (910A) computes fp16 in saturation mode: an overflow '
-                         'gives the largest finite value, not inf, so the fixed --loss-scale '
-                         'cannot be checked; the dynamic scale (--loss-scale -1) reads the '
-                         'overflow flags')
+            notes.append('note: this NPU (910A) computes fp16 in saturation mode (an overflow '
+                         'gives the largest finite value, not inf): the fixed --loss-scale '
+                         'cannot see overflows; --loss-scale -1 reads the overflow flags')
         return notes
 
     def load_grad_scaler(self, scaler, state, loss_scale=-1.0):
@@ -278,9 +259,16 @@ class Runtime:
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def sgd(self, parameters, **kwargs):
-        """SGD, fused on CUDA where torch has it: faster, and a GradScaler's overflow check
-        stays on the device. NPU has no fused kernel; CPU keeps the default."""
-        return sgd(parameters, fused=self.type == 'cuda' and fused_sgd_available(), **kwargs)
+        """SGD, fused on CUDA where torch has it (faster; a GradScaler's overflow check stays on
+        the device), its momentum buffers made now, at zero: after an fp16 overflow skips the
+        first step they are still zero, where fused SGD would leave them uninitialised."""
+        fused = {'fused': True} if self.type == 'cuda' and FUSED_SGD else {}
+        optimizer = torch.optim.SGD(parameters, **kwargs, **fused)
+        for group in optimizer.param_groups:
+            for parameter in group['params'] if group['momentum'] else []:
+                optimizer.state[parameter]['momentum_buffer'] = torch.zeros_like(
+                    parameter, memory_format=torch.preserve_format)
+        return optimizer
 
     def loader_options(self):
         """DataLoader arguments: batches pinned on an accelerator (unpinned, torch_npu

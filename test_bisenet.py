@@ -2515,7 +2515,7 @@ def test_batches_are_pinned_for_the_npu_on_every_torch(monkeypatch):
         assert options['pin_memory'] and (options.get('pin_memory_device') == 'npu') == told
 
 
-@pytest.mark.skipif(not (hasattr(torch.amp, 'GradScaler') and runtime.fused_sgd_available()),
+@pytest.mark.skipif(not (hasattr(torch.amp, 'GradScaler') and runtime.FUSED_SGD),
                     reason='needs torch.amp.GradScaler and a fused SGD (torch >= 2.3)')
 def test_a_first_step_skipped_for_an_overflow_leaves_fused_sgd_as_unfused(monkeypatch):
     """Fused SGD (on CUDA, and on CPU in torch >= 2.4) under a GradScaler: a first step whose
