@@ -1032,6 +1032,18 @@ def spread(count, limit):
     return sorted(set(np.linspace(0, count - 1, min(limit, count)).round().astype(int).tolist()))
 
 
+def forking(call, *args, **kwargs):
+    """call(*args, **kwargs), which starts processes, with Ctrl-C held: Python drops an error
+    raised in fork's handlers, where a Ctrl-C would be lost. Held, it is raised as call returns."""
+    if not hasattr(signal, 'pthread_sigmask'):                           # POSIX only
+        return call(*args, **kwargs)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return call(*args, **kwargs)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def survey(layout, split, samples, limit=None, processes=1, decode=False):
     """Look at a split's samples (all, or `limit` spread over it) in `processes` processes:
     {'looked', 'sizes' [(w, h)], 'pixels' (per train id), 'problems' (one line each),
@@ -1048,7 +1060,7 @@ def survey(layout, split, samples, limit=None, processes=1, decode=False):
             with concurrent.futures.ProcessPoolExecutor(
                     min(processes, len(samples)), mp_context=context,     # Ctrl-C: the caller's
                     initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
-                results = list(pool.map(work, samples, chunksize=chunk))
+                results = list(forking(pool.map, work, samples, chunksize=chunk))
         except concurrent.futures.process.BrokenProcessPool:
             raise SetupError(f'a process looking at the {split} labels died (killed, most '
                              f'likely for memory): run again, or with fewer --workers') from None

@@ -150,7 +150,7 @@ def evaluate(model, dataset, runtime, mode='whole', aug_test=False, out_dir=None
     label_ids = data.cityscapes_label_ids(dataset.classes)
     total = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
     progress, pictures, skipped = Progress('[eval]', size, runtime.world_size, log), {}, []
-    items = iter(loader)
+    items = data.forking(iter, loader)                  # its workers start
     for step, index in enumerate(loader.sampler):
         try:                        # a file that cannot be read: named, left out of the metric
             image, label = next(items)
@@ -385,7 +385,8 @@ def segment_images(model, paths, runtime, mode='whole', aug_test=False, out_dir=
                                          sampler=runtime.shard(len(dataset)),
                                          worker_init_fn=init_worker)
     progress, failed = Progress('[images]', len(dataset), runtime.world_size, log), []
-    for step, (index, (image, small, error)) in enumerate(zip(loader.sampler, loader)):
+    items = zip(loader.sampler, data.forking(iter, loader))
+    for step, (index, (image, small, error)) in enumerate(items):
         if error is None:
             pred = segment(model, image, small, runtime, mode, aug_test)
             save_prediction(pred, image, names[index], names[index], out_dir, show_dir,

@@ -12,7 +12,18 @@ import os
 import re
 import signal
 import sys
+import threading
 from importlib import metadata
+
+
+# Ctrl-C while NumPy and torch load (seconds with torch_npu): one line, not their traceback.
+LOADING = (signal.getsignal(signal.SIGINT) is signal.default_int_handler    # not in a & job
+           and threading.current_thread() is threading.main_thread())
+if LOADING:
+    def quit_while_loading(signum, frame):
+        os.write(2, b'error: interrupted (Ctrl-C) while starting; nothing was written\n')
+        os._exit(130)                               # the shell's status for SIGINT
+    signal.signal(signal.SIGINT, quit_while_loading)
 
 try:
     import resource                      # peak memory on CPU; POSIX only
@@ -43,6 +54,8 @@ if _problem:
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+if LOADING:                                 # loaded: Ctrl-C raises KeyboardInterrupt again
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 FUSED_SGD = 'fused' in inspect.signature(torch.optim.SGD).parameters       # torch >= 2.3
 
 

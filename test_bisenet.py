@@ -2190,6 +2190,46 @@ def interrupt(command, ready, env=ENV):
     return subprocess.CompletedProcess(command, job.returncode, out, err)
 
 
+# Sends one Ctrl-C at a chosen moment of a script's run: as torch starts to load, or in fork's
+# handlers as the first data worker starts, where Python ignores the KeyboardInterrupt raised.
+CTRL_C_AT = """
+import os, runpy, signal, sys
+moment, script, sent = sys.argv[1], sys.argv[2], []
+def ctrl_c(*_):
+    if not sent:
+        sent.append(os.kill(os.getpid(), signal.SIGINT))
+class AtTorch:
+    def find_spec(self, name, *_):
+        if name == 'torch':
+            ctrl_c()
+if moment == 'import':
+    sys.meta_path.insert(0, AtTorch())
+else:
+    os.register_at_fork(after_in_parent=ctrl_c)
+sys.argv, sys.path[0] = sys.argv[2:], os.path.dirname(script)
+runpy.run_path(script, run_name='__main__')
+"""
+
+
+def test_ctrl_c_while_torch_loads_or_a_data_worker_forks_is_one_line(
+        data, own_images, initial_checkpoint, tmp_path):
+    segment = ['eval.py', '--ckpt', initial_checkpoint, '--images', own_images, '--device', 'cpu',
+               '--workers', '1', '--out-dir', tmp_path / 'labels']
+    evaluate = ['eval.py', '--ckpt', initial_checkpoint, '--data-path', data, '--device', 'cpu',
+                '--workers', '1']
+    train = ['train.py', '--demo', '--work-dir', tmp_path / 'run', '--device', 'cpu']
+    for moment, command in (('import', train), ('import', ['tools/check_data.py', tmp_path]),
+                            ('import', segment), ('fork', segment), ('fork', evaluate),
+                            ('fork', train)):          # its first: the look at the labels
+        result = subprocess.run([sys.executable, '-c', CTRL_C_AT, moment, HERE / command[0]]
+                                + [str(a) for a in command[1:]],
+                                env=ENV, text=True, capture_output=True, timeout=300)
+        assert result.returncode == 130, (command[0], moment, result.stderr[-600:])
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+        assert result.stderr.startswith('error: interrupted (Ctrl-C)')
+    assert not list(tmp_path.glob('labels/*')) and not list(tmp_path.glob('run/*.pth'))
+
+
 def test_ctrl_c_in_eval_is_one_line_saying_how_far_it_got(own_images, initial_checkpoint, tmp_path):
     photos = tmp_path / 'photos'
     photos.mkdir()
@@ -2205,8 +2245,7 @@ def test_ctrl_c_in_eval_is_one_line_saying_how_far_it_got(own_images, initial_ch
     assert not list((tmp_path / 'out').glob('*.tmp'))
     for label in (tmp_path / 'out').glob('*.png'):
         Image.open(label).load()                            # every file written is whole
-    # Ctrl-C after the first of 40 pictures: past the data worker's start (a signal that lands
-    # in fork's handlers is lost: Python ignores errors there), and well before the end.
+    # Ctrl-C after the first of 40 pictures: while eval.py works, well before the end.
     many = datalib.make_synthetic_cityscapes(tmp_path / 'many', num_train=1, num_val=40)
     result = interrupt(command + ['--data-path', str(many), '--show-dir', str(tmp_path / 'show')],
                        tmp_path / 'show' / 'city0' / 'city0_000000_000019.png')
