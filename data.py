@@ -1055,7 +1055,7 @@ def survey(layout, split, samples, limit=None, processes=1, decode=False):
     if processes > 1 and len(samples) > 1:
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context('fork' if 'fork' in methods else None)
-        chunk = max(1, len(samples) // (processes * 4))
+        chunk = max(1, min(8, len(samples) // (processes * 4)))   # Ctrl-C waits for those queued
         try:        # an executor, not a Pool: a killed process fails the map instead of hanging
             with concurrent.futures.ProcessPoolExecutor(
                     min(processes, len(samples)), mp_context=context,     # Ctrl-C: the caller's

@@ -777,6 +777,22 @@ def test_the_other_label_messages_and_label_formats(tmp_path):
     assert "warning: class 'd' never occurs" in (tmp_path / 'w' / 'train.log').read_text()
 
 
+def test_the_look_at_the_labels_on_several_processes_queues_chunks_of_at_most_8(
+        tmp_path, monkeypatch):
+    """On Ctrl-C the process pool still runs the chunks already queued (twice the processes,
+    and one): small chunks make that seconds, not a good part of the look."""
+    for i in range(201):
+        write_own(tmp_path, f'{i:03d}', image_size=(16, 16))
+    (tmp_path / 'classes.txt').write_text('a\nb\n')
+    layout, chunks = datalib.Layout(tmp_path), []
+    pool = datalib.concurrent.futures.ProcessPoolExecutor
+    real_map = pool.map
+    monkeypatch.setattr(pool, 'map', lambda self, *args, chunksize=1: (
+        chunks.append(chunksize), real_map(self, *args, chunksize=chunksize))[1])
+    found = datalib.survey(layout, 'train', layout.find('train')[0], processes=2)
+    assert found['problems'] == [] and chunks == [8]
+
+
 def test_a_bad_label_the_quick_look_skipped_ends_the_run_in_one_line_when_read(tmp_path):
     """train.py looks at 200 labels of a split before training; one of the others is checked
     when a data worker reads it, mid-training, and still ends in one line."""
