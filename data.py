@@ -1033,8 +1033,8 @@ def spread(count, limit):
 
 
 def forking(call, *args, **kwargs):
-    """call(*args, **kwargs), which starts processes, with Ctrl-C held: Python drops an error
-    raised in fork's handlers, where a Ctrl-C would be lost. Held, it is raised as call returns."""
+    """call(*args, **kwargs), which starts processes, with Ctrl-C held (in them it stays held):
+    Python drops an error raised in fork's handlers, so one landing there is raised on return."""
     if not hasattr(signal, 'pthread_sigmask'):                           # POSIX only
         return call(*args, **kwargs)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
