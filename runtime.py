@@ -16,7 +16,7 @@ import threading
 from importlib import metadata
 
 
-# Ctrl-C while NumPy and torch load (seconds with torch_npu): one line, not their traceback.
+# Ctrl-C while NumPy and torch load (a second or more): one line, not their traceback.
 LOADING = (signal.getsignal(signal.SIGINT) is signal.default_int_handler    # not in a & job
            and threading.current_thread() is threading.main_thread())
 if LOADING:
